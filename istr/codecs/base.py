@@ -1,0 +1,215 @@
+"""MaskCodec: the interface every mask codec implements, the codec registry, and codec save/load.
+
+A codec maps box-cropped mask grids [N, M, M] (values in [0, 1]) to embeddings [N, l] and back. `decode`
+returns mask probabilities in [0, 1] and is differentiable w.r.t. the embeddings, so a model can train
+through it. Cropping and pasting are not the codec's business: see istr.ops.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from istr.registry import Registry
+
+__all__ = ["CODECS", "MaskCodec", "NotFittedError", "register_codec", "create_codec", "load_codec", "list_codecs"]
+
+CODECS = Registry("codec")
+_FORMAT = "istr-codec"
+_FORMAT_VERSION = "1"
+
+
+class NotFittedError(RuntimeError, ValueError):
+    """Raised when a codec that must be fit is used before fit() (or load_codec) gave it its parameters."""
+
+
+def register_codec(name: str):
+    """Class decorator: register a MaskCodec subclass under `name` (also stored as cls.codec_name)."""
+
+    def decorator(cls):
+        cls.codec_name = name
+        return CODECS.register(name)(cls)
+
+    return decorator
+
+
+class MaskCodec(nn.Module):
+    """Base class. Subclasses implement `_encode`, `_decode` and, when `requires_fit`, `_fit`.
+
+    mask_size: M, the side of the square grids. dim: l, the embedding length (1 <= l <= M*M).
+    """
+
+    codec_name: ClassVar[str] = "base"
+    requires_fit: ClassVar[bool] = False
+
+    def __init__(self, mask_size: int = 28, dim: int = 60) -> None:
+        super().__init__()
+        if not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1:
+            raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if dim > mask_size * mask_size:
+            raise ValueError(f"dim l={dim} cannot exceed mask_size**2 = {mask_size * mask_size} (M={mask_size})")
+        self.mask_size = mask_size
+        self.dim = dim
+        self.register_buffer("fitted", torch.tensor(not self.requires_fit))
+
+    # ----------------------------------------------------------------- public API
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild this codec (saved with it)."""
+        return {"mask_size": self.mask_size, "dim": self.dim}
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def fit(self, masks: torch.Tensor | Iterable[torch.Tensor], **kwargs: Any) -> "MaskCodec":
+        """Learn the codec from grids [N, M, M] in [0, 1] (or an iterable of such chunks). Returns self.
+
+        Fixed codecs (DCT, identity) accept the call and learn nothing.
+        """
+        if self.requires_fit:
+            self._fit(masks, **kwargs)
+            self.fitted.fill_(True)
+        return self
+
+    def encode(self, grids: torch.Tensor) -> torch.Tensor:
+        """[N, M, M] mask grids with values in [0, 1] -> [N, l] float embeddings."""
+        grids = self.check_grids(grids)
+        self._check_fitted("encode")
+        if grids.shape[0] == 0:
+            return grids.new_zeros((0, self.dim))
+        return self._encode(grids)
+
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[N, l] embeddings -> [N, M, M] mask probabilities in [0, 1]; differentiable."""
+        embeddings = self._check_embeddings(embeddings)
+        self._check_fitted("decode")
+        if embeddings.shape[0] == 0:
+            return embeddings.new_zeros((0, self.mask_size, self.mask_size))
+        return self._decode(embeddings)
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: decode(encode(grids))."""
+        return self.decode(self.encode(grids))
+
+    def save(self, path: str | Path) -> None:
+        """Write everything fit() learned plus the constructor arguments to one safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "codec": self.codec_name,
+                "config": json.dumps(self.config())}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+    # ----------------------------------------------------------------- for subclasses
+    def _fit(self, masks: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _encode(self, grids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def iter_chunks(self, masks: torch.Tensor | Iterable[torch.Tensor], chunk_size: int = 4096) -> Iterator[torch.Tensor]:
+        """Yield validated float grid chunks from a tensor [N, M, M] or an iterable of such tensors."""
+        if isinstance(masks, torch.Tensor):
+            masks = self.check_grids(masks)
+            for start in range(0, masks.shape[0], chunk_size):
+                yield masks[start : start + chunk_size]
+        else:
+            for chunk in masks:
+                yield self.check_grids(chunk)
+
+    # ----------------------------------------------------------------- validation
+    def check_grids(self, grids: Any) -> torch.Tensor:
+        """Validate grids [N, M, M] in [0, 1]; returns them as float on the codec's device dtype."""
+        if not isinstance(grids, torch.Tensor):
+            raise TypeError(f"grids must be a torch.Tensor [N, {self.mask_size}, {self.mask_size}], got {type(grids).__name__}")
+        m = self.mask_size
+        if grids.ndim == 4 and grids.shape[1] == 1:
+            grids = grids[:, 0]
+        if grids.ndim != 3 or tuple(grids.shape[1:]) != (m, m):
+            raise ValueError(f"grids must have shape [N, {m}, {m}] for this codec (M={m}), got {tuple(grids.shape)}")
+        if not grids.is_floating_point():
+            grids = grids.float()
+        if grids.numel():
+            if not torch.isfinite(grids).all():
+                raise ValueError("grids contain non-finite values (NaN or inf)")
+            lo, hi = float(grids.min()), float(grids.max())
+            if lo < -1e-4 or hi > 1 + 1e-4:
+                raise ValueError(f"grid values must lie in [0, 1] (mask probabilities), got range [{lo:.3g}, {hi:.3g}]")
+        self._check_device(grids)
+        return grids
+
+    def _check_embeddings(self, embeddings: Any) -> torch.Tensor:
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor [N, {self.dim}], got {type(embeddings).__name__}")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings must have shape [N, {self.dim}] for this codec (l={self.dim}), got {tuple(embeddings.shape)}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be floating point, got {embeddings.dtype}")
+        if embeddings.numel() and not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings contain non-finite values (NaN or inf)")
+        self._check_device(embeddings)
+        return embeddings
+
+    def _check_device(self, tensor: torch.Tensor) -> None:
+        if tensor.device != self.fitted.device:
+            raise ValueError(f"input is on {tensor.device} but the codec is on {self.fitted.device}; move one with .to()")
+
+    def _check_fitted(self, what: str) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__} must be fit (codec.fit(grids)) or loaded (istr.load_codec) before {what}()")
+
+
+def create_codec(name: str, **kwargs: Any) -> MaskCodec:
+    """Build a registered codec by name, e.g. create_codec("pca", mask_size=28, dim=60)."""
+    return CODECS.get(name)(**kwargs)
+
+
+def list_codecs(pattern: str = "*") -> list[str]:
+    return CODECS.list(pattern)
+
+
+def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | None = None,
+               map_location: str | torch.device = "cpu") -> MaskCodec:
+    """Load a codec written by MaskCodec.save. Pass mask_size/dim to insist on a particular M and l."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no codec file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a codec file (not a readable safetensors file: {exc})") from None
+    if meta.get("format") != _FORMAT or "codec" not in meta or "config" not in meta:
+        raise ValueError(f"{path} is a safetensors file but not an istr codec (metadata: {sorted(meta)})")
+    config = json.loads(meta["config"])
+    for key, want in (("mask_size", mask_size), ("dim", dim)):
+        if want is not None and config.get(key) != want:
+            raise ValueError(f"{path} holds a {meta['codec']} codec with {key}={config.get(key)}, expected {key}={want}")
+    codec = create_codec(meta["codec"], **config)
+    expected = codec.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match a {meta['codec']} codec (missing {missing}, unexpected {unexpected})")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the codec expects {tuple(expected[k].shape)}")
+    codec.load_state_dict(tensors)
+    return codec.to(map_location)

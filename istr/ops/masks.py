@@ -1,0 +1,138 @@
+"""Mask crop-and-resize (full-image masks -> M x M grids inside boxes) and paste-back (grids -> full image).
+
+This is the one implementation of cropping and pasting in the library: codecs, the model's targets and
+inference, and the benchmarks all call it. Cropping is torchvision's `roi_align` (aligned, i.e. half-pixel
+centres); COCO polygons and RLEs are rasterised by pycocotools; pasting is bilinear `grid_sample`
+(align_corners=False), as detectron2's paste_masks_in_image does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torchvision.ops import roi_align
+
+__all__ = ["rasterize", "crop_masks", "paste_masks"]
+
+
+def rasterize(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygon list, uncompressed or compressed RLE) -> uint8 [H, W] in {0, 1}."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return np.zeros((height, width), dtype=np.uint8)
+        polys = [p for p in segmentation if len(p) >= 6]  # a polygon needs >= 3 points
+        if not polys:
+            raise ValueError(f"polygon segmentation has no polygon with >= 3 points: {segmentation!r:.80}")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        size = list(segmentation.get("size", (height, width)))
+        if size != [height, width]:
+            raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
+        rle = segmentation
+        if isinstance(rle["counts"], list):  # uncompressed RLE (COCO crowd regions)
+            rle = mask_utils.frPyObjects(rle, height, width)
+    else:
+        raise TypeError(f"expected a polygon list or an RLE dict, got {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+def _as_mask_tensor(masks: Any, image_size: tuple[int, int] | None) -> torch.Tensor:
+    if isinstance(masks, torch.Tensor):
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be [N, H, W], got shape {tuple(masks.shape)}")
+        return masks
+    if isinstance(masks, np.ndarray):
+        return _as_mask_tensor(torch.from_numpy(masks), image_size)
+    if isinstance(masks, Sequence):
+        if image_size is None:
+            raise ValueError("image_size=(H, W) is required to rasterise polygons or RLEs")
+        h, w = image_size
+        if len(masks) == 0:
+            return torch.zeros((0, h, w), dtype=torch.uint8)
+        return torch.from_numpy(np.stack([rasterize(s, h, w) for s in masks]))
+    raise TypeError(f"masks must be a tensor [N, H, W] or a list of COCO segmentations, got {type(masks).__name__}")
+
+
+def _check_boxes(boxes: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(boxes, torch.Tensor):
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.shape[0] != n:
+        raise ValueError(f"boxes must be [{n}, 4] absolute xyxy, got shape {tuple(boxes.shape)}")
+    if not torch.isfinite(boxes).all():
+        raise ValueError("boxes contain non-finite values")
+    return boxes
+
+
+def crop_masks(
+    masks: Any,
+    boxes: torch.Tensor,
+    mask_size: int,
+    image_size: tuple[int, int] | None = None,
+    *,
+    sampling_ratio: int = 2,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Crop each full-image mask by its box and resize to a soft M x M grid.
+
+    masks: [N, H, W] tensor (bool/uint8/float), or a list of N COCO segmentations with image_size=(H, W).
+    boxes: [N, 4] absolute xyxy (one box per mask). Returns float32 [N, M, M] in [0, 1] on boxes' device.
+    Threshold the result at 0.5 for binary targets. Memory is bounded by `chunk_size` full-image masks.
+    """
+    if isinstance(masks, torch.Tensor) or isinstance(masks, np.ndarray):
+        masks = _as_mask_tensor(masks, image_size)
+        n = masks.shape[0]
+    else:
+        n = len(masks)
+    boxes = _check_boxes(boxes, n).float()
+    if mask_size < 1:
+        raise ValueError(f"mask_size must be >= 1, got {mask_size}")
+    out = []
+    for start in range(0, n, chunk_size):
+        part = masks[start : start + chunk_size]
+        part = _as_mask_tensor(part, image_size).to(device=boxes.device, dtype=torch.float32)
+        b = boxes[start : start + chunk_size]
+        rois = torch.cat([torch.arange(len(b), device=b.device, dtype=b.dtype)[:, None], b], dim=1)
+        out.append(roi_align(part[:, None], rois, (mask_size, mask_size), 1.0, sampling_ratio, aligned=True)[:, 0])
+    if not out:
+        return torch.zeros((0, mask_size, mask_size), device=boxes.device)
+    return torch.cat(out).clamp_(0.0, 1.0)
+
+
+def paste_masks(
+    grids: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Paste soft M x M grids into their boxes on a full image by bilinear sampling.
+
+    grids: [N, M, M] (or [N, 1, M, M]) values in [0, 1]; boxes: [N, 4] absolute xyxy in the target image;
+    image_size: (H, W). Returns float [N, H, W] (bool if `threshold` is given: value >= threshold).
+    Pixels outside a box are 0. A box with zero width or height pastes nothing. Only the pixels around
+    each box are sampled, so cost scales with box area rather than N x H x W.
+    """
+    if grids.ndim == 4 and grids.shape[1] == 1:
+        grids = grids[:, 0]
+    if grids.ndim != 3 or grids.shape[-1] != grids.shape[-2]:
+        raise ValueError(f"grids must be [N, M, M], got shape {tuple(grids.shape)}")
+    boxes = _check_boxes(boxes, grids.shape[0]).to(grids.device, torch.float32)
+    height, width = int(image_size[0]), int(image_size[1])
+    out = grids.new_zeros((grids.shape[0], height, width), dtype=torch.float32)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        # pixels whose centres can see the grid (one extra pixel each side for the bilinear fade)
+        px0, px1 = max(math.floor(x0) - 1, 0), min(math.ceil(x1) + 1, width)
+        py0, py1 = max(math.floor(y0) - 1, 0), min(math.ceil(y1) + 1, height)
+        if px1 <= px0 or py1 <= py0:
+            continue
+        xs = (torch.arange(px0, px1, device=grids.device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        ys = (torch.arange(py0, py1, device=grids.device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # [1, h, w, 2] as (x, y)
+        patch = F.grid_sample(grids[i][None, None].float(), grid, mode="bilinear", align_corners=False)
+        out[i, py0:py1, px0:px1] = patch[0, 0]
+    return out >= threshold if threshold is not None else out
