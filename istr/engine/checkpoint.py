@@ -1,0 +1,198 @@
+"""Training-state checkpoints: model + codec (istr.save_model) plus optimizer, scheduler, RNG and data-order state.
+
+Layout of one checkpoint (a directory, written to a temporary name and renamed when complete):
+    <out_dir>/checkpoints/iter_0000500/model.safetensors   istr.save_model: weights, codec, construction args
+    <out_dir>/checkpoints/iter_0000500/trainer_state.pt    optimizer, scheduler, RNG states, iteration, data order
+    <out_dir>/checkpoints/last                             text file naming the newest complete checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+    "prune_checkpoints", "capture_rng_state", "restore_rng_state", "check_model_matches",
+]
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+LAST_FILE = "last"
+_FORMAT = "istr-train-state"
+_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by a model whose construction args or parameters differ from the given one."""
+
+
+# ---------------------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and python `random` states, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state."""
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+# ---------------------------------------------------------------------------------------------------- save / find
+def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict[str, Any], keep: int | None = None) -> Path:
+    """Write checkpoint `iter_<iteration>` under ckpt_root atomically, point `last` at it, prune to `keep` newest.
+
+    trainer_state must contain "iteration" (int); everything else (optimizer/scheduler state dicts, RNG states,
+    data order, config) is stored as given with torch.save. Returns the checkpoint directory.
+    """
+    from istr import save_model
+
+    if "iteration" not in trainer_state:
+        raise ValueError("trainer_state must contain 'iteration'")
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"iter_{int(trainer_state['iteration']):07d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, tmp / MODEL_FILE)
+    torch.save({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    last_tmp = root / f".{LAST_FILE}.tmp"
+    last_tmp.write_text(name + "\n")
+    os.replace(last_tmp, root / LAST_FILE)
+    if keep:
+        prune_checkpoints(root, keep)
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ckpt_root, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and (p / STATE_FILE).is_file()]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints; never the one `last` names."""
+    last = latest_checkpoint(ckpt_root)
+    ckpts = list_checkpoints(ckpt_root)
+    for old in ckpts[: max(0, len(ckpts) - keep)]:
+        if last is None or old.resolve() != last.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint named by ckpt_root/last (falls back to the newest complete one), or None."""
+    root = Path(ckpt_root)
+    pointer = root / LAST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the model weights (and codec) of checkpoint `path` into `model` and return its trainer state dict.
+
+    Raises CheckpointMismatchError naming the differing construction args / parameters when the checkpoint was
+    written by a different model, FileNotFoundError when `path` is not a checkpoint directory.
+    """
+    from istr import load_model
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (expected {MODEL_FILE} and {STATE_FILE} in it)")
+    state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"{path / STATE_FILE} is not an istr training state (format {state.get('format')!r})")
+    saved = load_model(path / MODEL_FILE, map_location=map_location)
+    check_model_matches(model, saved, source=str(path))
+    model.load_state_dict(saved.state_dict())
+    return state
+
+
+def _construction_args(model: nn.Module) -> dict[str, Any] | None:
+    for attr in ("config", "init_args", "construction_args"):
+        value = getattr(model, attr, None)
+        if callable(value):
+            try:
+                value = value()
+            except TypeError:
+                continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _jsonable(x: Any) -> Any:
+    try:
+        return json.loads(json.dumps(x, default=repr))
+    except (TypeError, ValueError):
+        return repr(x)
+
+
+def check_model_matches(model: nn.Module, saved: nn.Module, source: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError unless `saved` has the same class, construction args and parameter shapes."""
+    problems: list[str] = []
+    if type(saved) is not type(model):
+        problems.append(f"model class: {source} has {type(saved).__name__}, the model is {type(model).__name__}")
+    a, b = _construction_args(saved), _construction_args(model)
+    if a is not None and b is not None:
+        a, b = _jsonable(a), _jsonable(b)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<missing>") != b.get(key, "<missing>"):
+                problems.append(f"construction arg {key!r}: {source} has {a.get(key, '<missing>')!r}, "
+                                f"the model has {b.get(key, '<missing>')!r}")
+    saved_sd, model_sd = saved.state_dict(), model.state_dict()
+    missing = sorted(set(model_sd) - set(saved_sd))
+    unexpected = sorted(set(saved_sd) - set(model_sd))
+    if missing:
+        problems.append(f"{len(missing)} tensors of the model are missing from the {source}, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors in the {source} do not exist in the model, e.g. {unexpected[:3]}")
+    shapes = [f"{k}: {tuple(saved_sd[k].shape)} vs {tuple(model_sd[k].shape)}"
+              for k in sorted(set(saved_sd) & set(model_sd)) if saved_sd[k].shape != model_sd[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} tensors differ in shape ({source} vs model), e.g. " + "; ".join(shapes[:3]))
+    if problems:
+        raise CheckpointMismatchError(f"{source} was written by a different model:\n  - " + "\n  - ".join(problems))
