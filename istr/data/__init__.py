@@ -1,0 +1,17 @@
+"""Data: COCO-format instance dataset, joint image/box/mask transforms, synthetic shapes dataset."""
+from istr.data.coco import CocoInstances, collate_fn, load_coco_json, load_image
+from istr.data.synthetic import SHAPE_CLASSES, make_synthetic_coco
+from istr.data.transforms import Compose, RandomRelativeCrop, boxes_from_masks, build_transforms
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "CocoInstances",
+    "Compose",
+    "RandomRelativeCrop",
+    "boxes_from_masks",
+    "build_transforms",
+    "collate_fn",
+    "load_coco_json",
+    "load_image",
+    "make_synthetic_coco",
+]
