@@ -33,7 +33,7 @@ def make_batch(num_targets: list[int], k: int, codec, seed: int = 0, with_embeds
                "mask_embeds": torch.randn(b, k, L, generator=g)}
     targets = []
     for t in num_targets:
-        grids = (torch.rand(t, M, M, generator=g) > 0.5).float()
+        grids = torch.rand(t, M, M, generator=g)  # soft: the dice cost binarises at 0.5
         tgt = {"boxes": rand_boxes(t, g), "labels": torch.randint(0, C, (t,), generator=g),
                "mask_grids": grids, "image_size": torch.tensor([60.0, 80.0])}
         if with_embeds:
