@@ -1,0 +1,141 @@
+"""Inference latency: ISTR (istr_r50_fpn_pca60) vs torchvision Mask R-CNN R50-FPN, random weights, same input.
+
+Both models run batch 1 on the same image in one process, alternating run by run so that both see the same
+machine load; the script prints both medians and the ratio ISTR / Mask R-CNN, and writes JSON if --out is given.
+
+Fairness. Both use the same torchvision/timm ResNet-50 + FPN with frozen BatchNorm, min_size 800 / max_size
+1333, and return 100 detections with soft masks pasted at the original size. A randomly initialised Mask
+R-CNN scores every class of every proposal near 1/91, so with its default box_score_thresh=0.05 it keeps
+nothing and its mask head never runs (unfairly cheap). With box_score_thresh=0.0 it keeps all 1000 x 90
+(box, class) candidates and spends its time in per-class NMS over 90k boxes (unfairly dear; a trained model
+passes a few hundred candidates). The default "calibrated" mode sets the threshold to the score of the
+--candidates-th best candidate of this image (default 1000), so NMS sees about as many boxes as a trained
+model's and it still returns its full 100 detections; "--mrcnn-thresh 0" gives the other bound.
+A randomly initialised ISTR, in turn, predicts random box deltas that compound over 6 stages and push most
+boxes out of the image (they are then dropped and never pasted). The script zeroes the last layer of each
+stage's box branch, so every box stays the whole image: ISTR returns its full 100 detections and pastes
+every mask over the whole image, its most expensive case (the FLOPs of the head are unchanged).
+
+  python benchmarks/speed.py --threads 2 --repeats 5
+  python benchmarks/speed.py --device cuda --dtype bf16 --width 1333
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import istr
+from istr.models import create_model, freeze_batch_norm
+
+
+def fitted_pca(mask_size: int = 28, dim: int = 60, n: int = 512, seed: int = 0) -> istr.MaskCodec:
+    """A PCA-60 codec fitted on random ellipse grids (latency does not depend on what it learned)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, mask_size), torch.linspace(-1, 1, mask_size), indexing="ij")
+    c = torch.rand(n, 4, generator=g)
+    grids = ((xx - (c[:, 0, None, None] - 0.5)) ** 2 / (0.2 + c[:, 2, None, None]) ** 2
+             + (yy - (c[:, 1, None, None] - 0.5)) ** 2 / (0.2 + c[:, 3, None, None]) ** 2 <= 1).float()
+    return istr.create_codec("pca", mask_size=mask_size, dim=dim, whiten=True, logit_space=True).fit(grids)
+
+
+def build_maskrcnn(device: torch.device) -> torch.nn.Module:
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, box_detections_per_img=100,
+        min_size=800, max_size=1333)
+    freeze_batch_norm(model.backbone.body)  # same frozen BN as ISTR's backbone
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def calibrate_threshold(model: torch.nn.Module, image: torch.Tensor, candidates: int) -> float:
+    """Score of the `candidates`-th best (proposal, foreground class) pair for this image."""
+    captured = {}
+
+    def keep_logits(module, inputs, outputs) -> None:
+        captured["logits"] = outputs[0]
+
+    hook = model.roi_heads.box_predictor.register_forward_hook(keep_logits)
+    model.roi_heads.score_thresh = 0.0
+    model([image])
+    hook.remove()
+    scores = torch.softmax(captured["logits"], -1)[:, 1:].flatten()
+    k = min(candidates, scores.numel())
+    return float(scores.topk(k).values[-1])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (cuda)")
+    parser.add_argument("--mrcnn-thresh", type=float, default=None,
+                        help="Mask R-CNN box_score_thresh; default: calibrated to --candidates")
+    parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    image = torch.rand(3, args.height, args.width, device=device)
+    istr_model = create_model("istr_r50_fpn_pca60", codec=fitted_pca()).to(device).eval()
+    with torch.no_grad():
+        for stage in istr_model.stages:  # zero box deltas: boxes stay the whole image (see the docstring)
+            stage.box_branch[-1].weight.zero_()
+            stage.box_branch[-1].bias.zero_()
+    mrcnn = build_maskrcnn(device)
+    thresh = args.mrcnn_thresh if args.mrcnn_thresh is not None else calibrate_threshold(mrcnn, image, args.candidates)
+    mrcnn.roi_heads.score_thresh = thresh
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def run(model) -> tuple[float, int]:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast:
+            out = model([image])
+        sync(device)
+        return time.perf_counter() - start, len(out[0]["boxes"])
+
+    times: dict[str, list[float]] = {"istr": [], "maskrcnn": []}
+    dets = {}
+    models = {"istr": istr_model, "maskrcnn": mrcnn}
+    for i in range(args.warmup + args.repeats):
+        for name, model in models.items():  # alternate: both see the same machine load
+            seconds, dets[name] = run(model)
+            if i >= args.warmup:
+                times[name].append(seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"device": str(device), "threads": torch.get_num_threads(), "input": [args.height, args.width],
+              "dtype": args.dtype, "repeats": args.repeats, "maskrcnn_box_score_thresh": thresh,
+              "detections": dets, "median_s": med, "all_s": times, "ratio_istr_over_maskrcnn": med["istr"] / med["maskrcnn"],
+              "fps": {k: 1.0 / v for k, v in med.items()}, "torch": torch.__version__}
+    print(f"device {device}, threads {result['threads']}, input {args.height}x{args.width}, {args.dtype}, "
+          f"{args.repeats} repeats (+{args.warmup} warm-up), alternating")
+    print(f"Mask R-CNN box_score_thresh {thresh:.5g}; detections: ISTR {dets['istr']}, Mask R-CNN {dets['maskrcnn']}")
+    for k in ("istr", "maskrcnn"):
+        print(f"{k:>9}: median {med[k] * 1000:8.1f} ms  ({result['fps'][k]:.2f} FPS)  runs "
+              + " ".join(f"{t * 1000:.0f}" for t in times[k]))
+    print(f"ratio ISTR / Mask R-CNN = {result['ratio_istr_over_maskrcnn']:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""ISTR: K learnable query boxes refined over N stages; mask embeddings decoded by a fixed codec (NMS-free)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from istr.codecs.base import MaskCodec, NotFittedError
+from istr.models.backbone import Backbone
+from istr.models.head import ISTRStage
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
+from istr.ops import crop_masks, paste_masks
+
+__all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
+
+DEFAULT_TRAIN_MIN_SIZES = tuple(range(480, 801, 32))  # paper / v1: short side 480..800 step 32
+
+
+class ISTR(nn.Module):
+    """Instance Segmentation TRansformer (paper = reference v1 by default; v2 options behind arguments).
+
+    model(images, targets=None, all_stages=False), images: list of float [3, H, W] in [0, 1], any sizes.
+    - train mode: targets = list of {"boxes": float [N, 4] absolute xyxy (original pixels), "labels": int64 [N]
+      in [0, num_classes), "masks": uint8 [N, H, W]} -> the criterion's dict of scalar losses (incl. "loss").
+    - eval mode: list of {"boxes": [N, 4] xyxy original pixels, "labels": int64 [N], "scores": [N],
+      "masks": float [N, 1, H, W] in [0, 1]}, N <= detections_per_image; with all_stages=True a list over
+      stages of such lists, from one forward.
+
+    Modules are injected: `backbone` (maps [B, 3, H, W] to 4 maps of `hidden_dim` channels at strides 4..32,
+    e.g. istr.models.Backbone), `codec` (a MaskCodec; may still be unfitted at construction, it is checked at
+    forward), `criterion` (called as criterion(stage_outputs, targets, codec); needed only for training).
+
+    Table 1 ablations: `attention` "dynamic" | "multihead" (1d), `image_pool` "avg" | "max" | None and
+    `position_embedding` (1e), any codec incl. identity l=784 (1a). v2 options: `mask_head="roi_conv"`
+    (28x28 RoIAlign at the new boxes + conv head), `stage_logit_average` (inference logits averaged over
+    stages 2..N-1).
+    """
+
+    def __init__(self, backbone: nn.Module, codec: MaskCodec, num_classes: int = 80, *,
+                 criterion: nn.Module | None = None, num_queries: int = 300, num_stages: int = 6,
+                 hidden_dim: int = 256, dynamic_dim: int = 64, ffn_dim: int = 2048, num_heads: int = 8,
+                 roi_size: int = 7, attention: str = "dynamic", image_pool: str | None = "avg",
+                 position_embedding: bool = True, mask_head: str = "query_mlp", mask_roi_size: int = 28,
+                 mask_dim: int | None = None, stage_logit_average: bool = False, logit_average_from: int = 2,
+                 detections_per_image: int = 100, mask_threshold: float | None = None, prior_prob: float = 0.01,
+                 min_size: int = 800, max_size: int = 1333,
+                 train_min_sizes: Sequence[int] | None = DEFAULT_TRAIN_MIN_SIZES, size_divisible: int = 32,
+                 pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if not isinstance(codec, MaskCodec):
+            raise TypeError(f"codec must be an istr MaskCodec (istr.create_codec(...)), got {type(codec).__name__}")
+        if mask_dim is not None and mask_dim != codec.dim:
+            raise ValueError(f"the mask head outputs mask_dim={mask_dim} but the codec embeds masks in "
+                             f"l={codec.dim} dims ({type(codec).__name__}); they must agree")
+        for name, value in (("num_classes", num_classes), ("num_queries", num_queries), ("num_stages", num_stages),
+                            ("hidden_dim", hidden_dim), ("detections_per_image", detections_per_image)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if image_pool not in ("avg", "max", None):
+            raise ValueError(f"image_pool must be 'avg', 'max' or None, got {image_pool!r}")
+        if image_pool is None and not position_embedding:
+            raise ValueError("image_pool=None with position_embedding=False leaves the initial queries all zero")
+        out_channels = getattr(backbone, "out_channels", hidden_dim)
+        if out_channels != hidden_dim:
+            raise ValueError(f"the backbone gives {out_channels}-channel features but hidden_dim={hidden_dim}; "
+                             "RoI tokens and queries must have the same width (set the FPN out_channels)")
+        self.backbone, self.codec, self.criterion = backbone, codec, criterion
+        self.strides = tuple(getattr(backbone, "strides", (4, 8, 16, 32)))
+        self.num_classes, self.num_queries, self.num_stages = num_classes, num_queries, num_stages
+        self.image_pool, self.detections_per_image = image_pool, detections_per_image
+        self.stage_logit_average, self.logit_average_from = bool(stage_logit_average), int(logit_average_from)
+        self.mask_threshold = mask_threshold
+        self.transform = ImageTransform(min_size, max_size, train_min_sizes, size_divisible, pixel_mean, pixel_std)
+        self.hparams: dict[str, Any] = dict(
+            num_classes=num_classes, num_queries=num_queries, num_stages=num_stages, hidden_dim=hidden_dim,
+            dynamic_dim=dynamic_dim, ffn_dim=ffn_dim, num_heads=num_heads, roi_size=roi_size, attention=attention,
+            image_pool=image_pool, position_embedding=bool(position_embedding), mask_head=mask_head,
+            mask_roi_size=mask_roi_size, stage_logit_average=self.stage_logit_average,
+            logit_average_from=self.logit_average_from, detections_per_image=detections_per_image,
+            mask_threshold=mask_threshold, prior_prob=prior_prob, min_size=min_size, max_size=max_size,
+            train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
+            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
+
+        # position embeddings: N(0, 1) (nn.Embedding's default); query boxes: normalised cxcywh = whole image
+        self.position_embeddings = nn.Parameter(torch.randn(num_queries, hidden_dim)) if position_embedding else None
+        self.query_boxes = nn.Parameter(torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(num_queries, 1))
+        stage = ISTRStage(num_classes, codec.dim, hidden_dim=hidden_dim, dynamic_dim=dynamic_dim, ffn_dim=ffn_dim,
+                          num_heads=num_heads, roi_size=roi_size, attention=attention, mask_head=mask_head,
+                          mask_roi_size=mask_roi_size, strides=self.strides, prior_prob=prior_prob)
+        # deep copies, then Xavier re-init per stage (reference sec. 1.4): independent weights per stage
+        self.stages = nn.ModuleList([stage] + [copy.deepcopy(stage) for _ in range(num_stages - 1)])
+        for s in self.stages[1:]:
+            s.reset_parameters()
+
+    # ------------------------------------------------------------------ construction info
+    def config(self) -> dict[str, Any]:
+        """Plain-value description that rebuilds this model (used by istr.save_model)."""
+        cfg: dict[str, Any] = dict(self.hparams)
+        bb_config = getattr(self.backbone, "config", None)
+        cfg["backbone"] = bb_config() if callable(bb_config) else None
+        cfg["codec"] = {"name": self.codec.codec_name, "config": self.codec.config()}
+        cfg["criterion"] = _criterion_config(self.criterion)
+        cfg["preset"] = getattr(self, "preset", None)
+        return cfg
+
+    def train(self, mode: bool = True) -> "ISTR":
+        """The codec is pre-learned and fixed (paper): it stays in eval mode whatever the model's mode."""
+        super().train(mode)
+        self.codec.eval()
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of everything but the backbone (incl. FPN) and the codec: queries + stages."""
+        skip = {id(p) for p in self.backbone.parameters()} | {id(p) for p in self.codec.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                all_stages: bool = False) -> Any:
+        images = check_images(images)
+        self._check_codec()
+        device = self.query_boxes.device
+        if any(img.device != device for img in images):
+            raise ValueError(f"images must be on the model's device {device}, got {sorted({str(i.device) for i in images})}")
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        if self.training:
+            if all_stages:
+                raise ValueError("all_stages=True is an inference option; call model.eval() first")
+            if targets is None:
+                raise ValueError("training mode needs targets (list of dicts with boxes, labels, masks); "
+                                 "call model.eval() for inference")
+            if self.criterion is None:
+                raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
+            self._check_targets(targets, original_sizes)
+        batch, sizes = self.transform(images)
+        features = self.backbone(batch)
+        if len(features) != len(self.strides):
+            raise ValueError(f"the backbone returned {len(features)} feature maps, expected {len(self.strides)}")
+        stage_outputs = self._run_stages(features, sizes, with_masks=self.training)
+        if self.training:
+            prepared = self._prepare_targets(targets, original_sizes, sizes)
+            keys = ("logits", "boxes", "mask_embeds")
+            return self.criterion([{k: o[k] for k in keys} for o in stage_outputs], prepared, self.codec)
+        stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
+        results = [self._postprocess(stage_outputs, s, features, sizes, original_sizes) for s in stage_ids]
+        return results if all_stages else results[0]
+
+    def _initial_queries(self, features: list[torch.Tensor]) -> torch.Tensor:
+        b = features[0].shape[0]
+        queries = features[0].new_zeros((b, self.num_queries, self.hparams["hidden_dim"]))
+        if self.image_pool is not None:
+            pool = (lambda f: f.mean((2, 3))) if self.image_pool == "avg" else (lambda f: f.amax((2, 3)))
+            queries = queries + sum(pool(f) for f in features)[:, None, :]  # GAP per level, summed (not averaged)
+        if self.position_embeddings is not None:
+            queries = queries + self.position_embeddings[None]
+        return queries
+
+    def _run_stages(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
+                    with_masks: bool) -> list[dict[str, torch.Tensor]]:
+        """Stage outputs: list of {"logits" [B,K,C], "boxes" [B,K,4] xyxy (resized input), "queries" [B,K,d]}
+        plus "mask_embeds" [B,K,l] when with_masks."""
+        wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
+        boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
+        queries = self._initial_queries(features)
+        outputs = []
+        for stage in self.stages:
+            queries, logits, new_boxes = stage(features, boxes, queries)
+            out = {"logits": logits, "boxes": new_boxes, "queries": queries}
+            if with_masks:
+                out["mask_embeds"] = stage.mask_embeds(queries, new_boxes, features)
+            outputs.append(out)
+            boxes = new_boxes.detach()  # boxes are detached between stages; query features are not
+        return outputs
+
+    # ------------------------------------------------------------------ training targets
+    def _check_targets(self, targets: Any, sizes: list[tuple[int, int]]) -> None:
+        if not isinstance(targets, (list, tuple)) or len(targets) != len(sizes):
+            raise ValueError(f"targets must be a list with one dict per image ({len(sizes)}), "
+                             f"got {type(targets).__name__}" + (f" of length {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
+        for i, (t, (h, w)) in enumerate(zip(targets, sizes)):
+            if not isinstance(t, dict) or not {"boxes", "labels", "masks"} <= set(t):
+                raise ValueError(f"targets[{i}] must be a dict with 'boxes', 'labels' and 'masks', got "
+                                 f"{sorted(t) if isinstance(t, dict) else type(t).__name__}")
+            boxes, labels, masks = t["boxes"], t["labels"], t["masks"]
+            for key, val in (("boxes", boxes), ("labels", labels), ("masks", masks)):
+                if not isinstance(val, torch.Tensor):
+                    raise TypeError(f"targets[{i}]['{key}'] must be a torch.Tensor, got {type(val).__name__}")
+            if boxes.ndim != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+                raise ValueError(f"targets[{i}]['boxes'] must be float [N, 4] absolute xyxy, got {boxes.dtype} "
+                                 f"{tuple(boxes.shape)}")
+            n = boxes.shape[0]
+            if labels.shape != (n,) or labels.dtype != torch.int64:
+                raise ValueError(f"targets[{i}]['labels'] must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+            if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got values in "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+            if masks.ndim != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (h, w):
+                raise ValueError(f"targets[{i}]['masks'] must be [{n}, {h}, {w}] (one full-image mask per box, the "
+                                 f"image's size), got {tuple(masks.shape)}")
+            if n and not torch.isfinite(boxes).all():
+                raise ValueError(f"targets[{i}]['boxes'] contain non-finite values")
+
+    def _prepare_targets(self, targets: list[dict[str, torch.Tensor]], original_sizes: list[tuple[int, int]],
+                         sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Crop GT masks by GT boxes at the original resolution to M x M, rescale boxes to the resized input."""
+        device, m = self.query_boxes.device, self.codec.mask_size
+        prepared = []
+        for t, orig, size in zip(targets, original_sizes, sizes):
+            boxes = t["boxes"].to(device=device, dtype=torch.float32)
+            grids = crop_masks(t["masks"].to(device), boxes, m)
+            prepared.append({"boxes": ImageTransform.scale_boxes(boxes, orig, size),
+                             "labels": t["labels"].to(device), "mask_grids": grids,
+                             "image_size": torch.tensor(size, dtype=torch.float32, device=device)})
+        return prepared
+
+    # ------------------------------------------------------------------ inference
+    def _postprocess(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int, features: list[torch.Tensor],
+                     sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        out = stage_outputs[stage_id]
+        logits = out["logits"]
+        if self.stage_logit_average and stage_id == self.num_stages - 1:
+            first = min(self.logit_average_from, self.num_stages - 1)
+            logits = torch.stack([o["logits"] for o in stage_outputs[first:]]).mean(0)
+        b, k, c = logits.shape
+        top = min(self.detections_per_image, k * c)
+        scores, index = torch.sigmoid(logits).flatten(1).topk(top, dim=1)  # over the K x C grid, no NMS
+        labels, query = index % c, torch.div(index, c, rounding_mode="floor")
+        gather = lambda x: torch.gather(x, 1, query[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        boxes, queries = gather(out["boxes"]), gather(out["queries"])
+        # only the kept detections run the mask branch (duplicated queries are cheap: at most `top` rows)
+        embeds = self.stages[stage_id].mask_embeds(queries, boxes, features)
+        grids = self.codec.decode(embeds.reshape(b * top, -1).float()).view(b, top, *([self.codec.mask_size] * 2))
+        results = []
+        for i, (size, (h, w)) in enumerate(zip(sizes, original_sizes)):
+            bx = ImageTransform.scale_boxes(boxes[i], size, (h, w))
+            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], 1)
+            keep = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])  # detectron2 drops boxes empty after clipping
+            masks = paste_masks(grids[i][keep], bx[keep], (h, w))
+            if self.mask_threshold is not None:
+                masks = (masks >= self.mask_threshold).float()
+            results.append({"boxes": bx[keep], "labels": labels[i][keep], "scores": scores[i][keep],
+                            "masks": masks[:, None]})
+        return results
+
+    def _check_codec(self) -> None:
+        if not self.codec.is_fitted:
+            raise NotFittedError(f"the model's {type(self.codec).__name__} is not fitted: fit it on box-cropped GT "
+                                 "mask grids (model.codec.fit(grids)), or build the model with a fitted codec "
+                                 "(istr.create_model(name, codec=istr.load_codec(path)))")
+        head_dim = self.stages[0].mask_branch
+        out_dim = head_dim[-1].out_features if isinstance(head_dim, nn.Sequential) else head_dim.convs[-1].out_channels
+        if out_dim != self.codec.dim:
+            raise ValueError(f"the mask head outputs {out_dim}-d embeddings but the codec has dim {self.codec.dim}")
+
+
+def _criterion_config(criterion: nn.Module | None) -> dict[str, Any] | None:
+    """{"losses": {...}, "costs": {...}} of a SetCriterion/HungarianMatcher pair, when they expose them."""
+    if criterion is None:
+        return None
+    losses = getattr(criterion, "losses", None) or getattr(criterion, "weights", None)
+    matcher = getattr(criterion, "matcher", None)
+    costs = getattr(matcher, "costs", None) or getattr(matcher, "weights", None)
+    if not isinstance(losses, dict) or not isinstance(costs, dict):
+        return None
+    return {"losses": dict(losses), "costs": dict(costs)}
+
