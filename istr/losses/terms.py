@@ -54,8 +54,9 @@ def matched_predictions(outputs: dict, key: str, indices: Sequence[tuple]) -> to
 
 
 def matched_targets(targets: Sequence[dict], key: str, indices: Sequence[tuple]) -> torch.Tensor:
-    """targets[b][key] at the matched targets, concatenated in the order of matched_predictions -> [N, ...]."""
-    return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)]).float()
+    """targets[b][key] at the matched targets, concatenated in the order of matched_predictions -> [N, ...]
+    (dtype kept)."""
+    return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)])
 
 
 def _zero(outputs: dict, key: str) -> torch.Tensor:
@@ -76,14 +77,14 @@ def focal_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple],
     onehot = torch.zeros_like(logits)
     if _num_matched(indices):
         batch, src = _batch_index(indices, logits.device)
-        labels = matched_targets(targets, "labels", indices).long().to(logits.device)
+        labels = matched_targets(targets, "labels", indices).to(logits.device)
         onehot[batch, src, labels] = 1.0
     return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
 
 
 def _matched_boxes(outputs, targets, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pred = matched_predictions(outputs, "boxes", indices)
-    tgt = matched_targets(targets, "boxes", indices).to(pred.device)
+    tgt = matched_targets(targets, "boxes", indices).to(pred.device, torch.float32)
     scale = torch.cat([box_scale(t["image_size"], pred).expand(len(j), 4) for t, (_, j) in zip(targets, indices)])
     return pred, tgt, scale
 
@@ -111,7 +112,7 @@ def giou_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], 
 
 def _matched_embeds(outputs, targets, indices) -> tuple[torch.Tensor, torch.Tensor]:
     pred = matched_predictions(outputs, "mask_embeds", indices)
-    tgt = matched_targets(targets, "mask_embeds", indices).to(pred.device).detach()
+    tgt = matched_targets(targets, "mask_embeds", indices).to(pred.device, torch.float32).detach()
     return pred, tgt
 
 
