@@ -59,14 +59,17 @@ def load_coco_json(ann_file: str | Path) -> COCO:
         with open(path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"annotation file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        where = f"line {e.lineno} column {e.colno}"
+        raise ValueError(f"annotation file {path} is not valid JSON: {e.msg} at {where}") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"annotation file {path} is not UTF-8 text: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"annotation file {path}: expected a JSON object at the top level, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
-        raise ValueError(f"annotation file {path}: expected lists under keys {missing}; top-level keys are {sorted(data)}")
+        raise ValueError(
+            f"annotation file {path}: expected lists under keys {missing}; top-level keys are {sorted(data)}"
+        )
     _check_entries(path, data)
     data.setdefault("info", {})  # some tools (older pycocotools loadRes) need these keys
     data.setdefault("licenses", [])
@@ -81,7 +84,9 @@ def _check_entries(path: Path, data: dict) -> None:
     def need(entries: list, keys: tuple[str, ...], what: str) -> None:
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or any(k not in entry for k in keys):
-                raise ValueError(f"annotation file {path}: {what}[{i}] must be an object with keys {keys}, got {entry!r:.200}")
+                raise ValueError(
+                    f"annotation file {path}: {what}[{i}] must be an object with keys {keys}, got {entry!r:.200}"
+                )
 
     need(data["images"], ("id", "file_name", "height", "width"), "images")
     need(data["categories"], ("id", "name"), "categories")
@@ -96,9 +101,11 @@ def _check_entries(path: Path, data: dict) -> None:
     bad_img = [a["id"] for a in data["annotations"] if a["image_id"] not in image_ids]
     bad_cat = [a["id"] for a in data["annotations"] if a["category_id"] not in cat_ids]
     if bad_img:
-        raise ValueError(f"annotation file {path}: {len(bad_img)} annotations refer to unknown image ids (annotation ids {bad_img[:5]})")
+        raise ValueError(f"annotation file {path}: {len(bad_img)} annotations refer to unknown image ids "
+                         f"(annotation ids {bad_img[:5]})")
     if bad_cat:
-        raise ValueError(f"annotation file {path}: {len(bad_cat)} annotations refer to unknown category ids (annotation ids {bad_cat[:5]})")
+        raise ValueError(f"annotation file {path}: {len(bad_cat)} annotations refer to unknown category ids "
+                         f"(annotation ids {bad_cat[:5]})")
 
 
 def _valid_segmentation(seg: Any) -> bool:
@@ -215,9 +222,9 @@ class CocoInstances(Dataset):
             logger.warning("%s: clipped %d boxes to their image; dropped annotations: %s", self.ann_file,
                            s["clipped_boxes"], dropped or "none")  # fmt: skip
         if s["images_without_annotations"]:
+            what = "kept, include_empty=True" if self.include_empty else "dropped, include_empty=False"
             logger.info("%s: %d of %d images have no usable non-crowd annotation (%s)", self.ann_file,
-                        s["images_without_annotations"], s["images_total"],
-                        "kept, include_empty=True" if self.include_empty else "dropped, include_empty=False")  # fmt: skip
+                        s["images_without_annotations"], s["images_total"], what)  # fmt: skip
 
     # ---------------------------------------------------------------- access
     @property
@@ -253,7 +260,8 @@ class CocoInstances(Dataset):
             try:
                 mask = rasterize(ann["segmentation"], h, w)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{self.ann_file}: annotation {ann['id']} of image {rec['id']} ({rec['file_name']}): {e}") from e
+                where = f"annotation {ann['id']} of image {rec['id']} ({rec['file_name']})"
+                raise ValueError(f"{self.ann_file}: {where}: {e}") from e
             if not mask.any():
                 self.stats["dropped_empty_masks"] += 1
                 logger.warning("%s: annotation %s of image %s rasterises to an empty mask; dropped", self.ann_file,

@@ -127,7 +127,8 @@ def render_image(
     labels: list[int] = []
     full_areas: list[int] = []
     # larger shapes first, so smaller ones occlude them (as in photos) rather than hiding behind them
-    sizes = sorted((_sample_size(rng, min(h, w)) for _ in range(int(rng.integers(min_objects, max_objects + 1)))), reverse=True)
+    count = int(rng.integers(min_objects, max_objects + 1))
+    sizes = sorted((_sample_size(rng, min(h, w)) for _ in range(count)), reverse=True)
     for s in sizes:
         placed = _place(rng, h, w, s, owner, full_areas)
         if placed is None:
@@ -239,7 +240,8 @@ def make_synthetic_coco(
             Image.fromarray(pixels).save(path, format="JPEG", quality=95)
 
     root = Path(out_dir)
-    common = dict(image_size=(h, w), seed=seed, min_objects=min_objects, max_objects=max_objects, image_format=fmt, save=save)
+    common = dict(image_size=(h, w), seed=seed, min_objects=min_objects, max_objects=max_objects,
+                  image_format=fmt, save=save)  # fmt: skip
     train_ann = _write_split(root, "train", num_train, 1, split_index=0, **common)
     val_ann = _write_split(root, "val", num_val, num_train + 1, split_index=1, **common)
     return {
@@ -265,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     args = parser.parse_args(argv)
     size = (args.size[0], args.size[-1])
     paths = make_synthetic_coco(args.out_dir, args.num_train, args.num_val, size, args.seed,
-                                min_objects=args.min_objects, max_objects=args.max_objects, image_format=args.format)  # fmt: skip
+                                min_objects=args.min_objects, max_objects=args.max_objects,
+                                image_format=args.format)  # fmt: skip
     print(json.dumps(paths, indent=1))
     return paths
 

@@ -90,7 +90,8 @@ class Compose:
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if not isinstance(image, torch.Tensor) or image.ndim != 3:
-            raise TypeError(f"image must be a tensor [C, H, W], got {type(image).__name__} {getattr(image, 'shape', '')}")
+            got = f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
+            raise TypeError(f"image must be a tensor [C, H, W], got {got}")
         h, w = image.shape[-2:]
         target = dict(target)
         image = tv_tensors.Image(image)

@@ -1,0 +1,334 @@
+"""COCO evaluation: model results -> COCO json (RLE masks, original category ids) -> pycocotools COCOeval metrics."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["results_to_coco", "coco_evaluate", "evaluate", "METRIC_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+# order of COCOeval.stats for bbox/segm
+METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _category_lookup(label_to_category_id: Sequence[int] | Mapping[int, int]):
+    if isinstance(label_to_category_id, Mapping):
+        return lambda label: label_to_category_id[label]
+    table = list(label_to_category_id)
+    return lambda label: table[label]
+
+
+def results_to_coco(
+    results: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_category_id: Sequence[int] | Mapping[int, int],
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """Per-image model results -> COCO result dicts.
+
+    results[i]: {"boxes": [N, 4] xyxy (original pixels), "labels": int [N] contiguous, "scores": [N],
+    optional "masks": [N, 1, H, W] or [N, H, W] probabilities (binarised at >= mask_threshold) or bool/uint8}.
+    Returns [{"image_id", "category_id" (original COCO id), "score", "bbox": [x, y, w, h] from the predicted
+    boxes, "segmentation": compressed RLE with counts as str (if masks given)}], in input order.
+    """
+    if len(results) != len(image_ids):
+        raise ValueError(f"got {len(results)} results but {len(image_ids)} image ids")
+    to_category = _category_lookup(label_to_category_id)
+    out: list[dict] = []
+    for result, image_id in zip(results, image_ids):
+        boxes = torch.as_tensor(result["boxes"]).detach().float().cpu().reshape(-1, 4)
+        labels = torch.as_tensor(result["labels"]).detach().cpu().reshape(-1).tolist()
+        scores = torch.as_tensor(result["scores"]).detach().float().cpu().reshape(-1).tolist()
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError(f"image {image_id}: boxes/labels/scores lengths differ: "
+                             f"{len(boxes)}/{len(labels)}/{len(scores)}")
+        rles = _encode_masks(result["masks"], len(labels), mask_threshold, image_id) if "masks" in result else None
+        xywh = boxes.clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        for k, (label, score) in enumerate(zip(labels, scores)):
+            try:
+                category_id = int(to_category(int(label)))
+            except (IndexError, KeyError) as e:
+                raise ValueError(f"image {image_id}: label {label} has no category id in label_to_category_id") from e
+            entry = {"image_id": int(image_id), "category_id": category_id, "score": float(score),
+                     "bbox": [float(v) for v in xywh[k].tolist()]}  # fmt: skip
+            if rles is not None:
+                entry["segmentation"] = rles[k]
+            out.append(entry)
+    return out
+
+
+def _encode_masks(masks: Any, n: int, threshold: float, image_id: int) -> list[dict]:
+    masks = torch.as_tensor(masks).detach().cpu()
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3 or masks.shape[0] != n:
+        raise ValueError(f"image {image_id}: masks must be [{n}, 1, H, W] or [{n}, H, W], got {tuple(masks.shape)}")
+    binary = masks if masks.dtype == torch.bool else masks >= threshold
+    if n == 0:
+        return []
+    # pycocotools wants a Fortran-ordered uint8 [H, W, N] array
+    rles = mask_utils.encode(np.asfortranarray(binary.permute(1, 2, 0).numpy().astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _as_coco(coco_gt: COCO | str | Path | dict) -> COCO:
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    if isinstance(coco_gt, (str, Path)):
+        from istr.data.coco import load_coco_json
+
+        return load_coco_json(coco_gt)
+    if isinstance(coco_gt, dict):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(coco_gt)
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+    raise TypeError(f"coco_gt must be a pycocotools COCO, a json path or a dict, got {type(coco_gt).__name__}")
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """COCO.loadRes on a deep copy (loadRes mutates its input); an empty list gives an empty result set."""
+    if not results:
+        empty = COCO()
+        empty.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                         "categories": copy.deepcopy(coco_gt.dataset["categories"])}  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            empty.createIndex()
+        return empty
+    with contextlib.redirect_stdout(io.StringIO()):
+        return coco_gt.loadRes(copy.deepcopy(results))
+
+
+def coco_evaluate(
+    coco_gt: COCO | str | Path | dict,
+    coco_results: Sequence[dict],
+    iou_types: Sequence[str] = ("bbox", "segm"),
+    img_ids: Sequence[int] | None = None,
+    per_category: bool = False,
+    verbose: bool = False,
+    bbox_area: str = "box",
+) -> dict[str, dict[str, Any]]:
+    """pycocotools COCOeval of COCO-format results -> {iou_type: {"AP", "AP50", ..., "ARl"}} (fractions in [0, 1];
+    -1 where no ground truth falls in that area range, as COCOeval reports).
+
+    img_ids: images to score (default: every GT image). Empty results give AP 0 without crashing. Results on
+    images or categories absent from the GT raise ValueError. For "segm" any "bbox" key is removed first so that
+    COCOeval's small/medium/large split of detections uses mask area (as detectron2 does). For "bbox" the
+    results' boxes are used (derived from the RLEs when results carry none); the detections' area for the
+    small/medium/large split is the box area (bbox_area="box", as loadRes and detectron2 do) or the mask area
+    (bbox_area="mask", what loadRes does for mask-only results). Only APs/APm/APl can differ between the two.
+    per_category=True adds {"per_category": {category name: AP}}; verbose=True prints COCOeval's summary.
+    """
+    coco_gt = _as_coco(coco_gt)
+    results = list(coco_results)
+    gt_images, gt_cats = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    bad_images = sorted({r["image_id"] for r in results} - gt_images)
+    bad_cats = sorted({r["category_id"] for r in results} - gt_cats)
+    if bad_images:
+        raise ValueError(f"{len(bad_images)} result image ids are not in the ground truth, e.g. {bad_images[:5]}")
+    if bad_cats:
+        raise ValueError(f"result category ids {bad_cats[:10]} are not in the ground truth categories")
+    img_ids = sorted(gt_images) if img_ids is None else [int(i) for i in img_ids]
+    if bbox_area not in ("box", "mask"):
+        raise ValueError(f"bbox_area must be 'box' or 'mask', got {bbox_area!r}")
+    metrics: dict[str, dict[str, Any]] = {}
+    for iou_type in iou_types:
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+        typed = results
+        if iou_type == "segm":
+            missing = sum("segmentation" not in r for r in results)
+            if missing:
+                raise ValueError(f"{missing} results have no 'segmentation'; cannot compute segm AP")
+            typed = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        coco_dt = _load_results(coco_gt, typed)
+        if iou_type == "bbox" and bbox_area == "mask":
+            for ann in coco_dt.dataset["annotations"]:
+                if isinstance(ann.get("segmentation"), dict):
+                    ann["area"] = float(mask_utils.area(ann["segmentation"]))
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = img_ids
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        if verbose:
+            print(f"COCOeval {iou_type}:\n{summary.getvalue()}")
+        metrics[iou_type] = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+        if per_category:
+            metrics[iou_type]["per_category"] = _per_category_ap(coco_gt, evaluator)
+    return metrics
+
+
+def _per_category_ap(coco_gt: COCO, evaluator: COCOeval) -> dict[str, float]:
+    precision = evaluator.eval["precision"]  # [T IoUs, R recalls, K categories, A areas, M maxDets]
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluate()
+class _EvalImages(Dataset):
+    """(image float [3, H, W], image_id) over a dataset, skipping target rasterisation where possible."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        base, indices = dataset, None
+        if isinstance(dataset, Subset):
+            base, indices = dataset.dataset, list(dataset.indices)
+        self.fast = base if (hasattr(base, "get_image") and getattr(base, "transforms", None) is None) else None
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.fast is not None:
+            j = self.indices[i] if self.indices is not None else i
+            return self.fast.get_image(j), int(self.fast.ids[j])
+        image, target = self.dataset[i]
+        orig = tuple(target.get("orig_size", image.shape[-2:]))
+        if tuple(image.shape[-2:]) != orig:
+            raise ValueError(f"evaluation needs images at their original size: image {target['image_id']} "
+                             f"is {tuple(image.shape[-2:])} after the dataset's transforms, "
+                             f"originally {orig}")  # fmt: skip
+        return image, int(target["image_id"])
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _base_dataset(dataset: Dataset) -> Any:
+    return dataset.dataset if isinstance(dataset, Subset) else dataset
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    all_stages: bool = False,
+    results_path: str | Path | None = None,
+    progress: bool = True,
+    *,
+    mask_threshold: float = 0.5,
+    iou_types: Sequence[str] = ("bbox", "segm"),
+    num_workers: int = 0,
+    coco_gt: COCO | str | Path | None = None,
+    label_to_category_id: Sequence[int] | Mapping[int, int] | None = None,
+    distributed: bool | None = None,
+) -> dict[str, Any]:
+    """Run `model` (eval mode, no grad) over `dataset` and score it with COCOeval.
+
+    dataset: a CocoInstances (or a Subset of one) with no geometric transforms; otherwise pass coco_gt and
+    label_to_category_id. Images are scored at their original size; only the dataset's images are evaluated.
+    device: where images go (default: the model's parameters' device).
+    Returns {"bbox": {"AP", ...}, "segm": {...}}; with all_stages=True the model is called as
+    model(images, all_stages=True) (a list over stages of per-image results) and the return also holds
+    "stages": [{"bbox": ..., "segm": ...} per stage] (the top level is the last stage).
+    results_path: write the (last-stage) COCO results json there (RLE masks, original category ids).
+    distributed (default: whether torch.distributed is initialised): every rank must call evaluate; each runs
+    its shard (DistributedSampler), results are gathered with all_gather_object, scored on rank 0 and the
+    metrics broadcast, so every rank returns the same dict. Pass distributed=False to evaluate the whole
+    dataset in this process alone (e.g. when only rank 0 calls it).
+    """
+    base = _base_dataset(dataset)
+    coco_gt = _as_coco(coco_gt) if coco_gt is not None else getattr(base, "coco", None)
+    if label_to_category_id is None:
+        label_to_category_id = getattr(base, "label_to_category_id", None)
+    if coco_gt is None or label_to_category_id is None:
+        raise ValueError("evaluate needs the ground truth: pass a CocoInstances dataset, "
+                         "or coco_gt= and label_to_category_id=")
+    if getattr(base, "include_empty", True) is False and getattr(base, "stats", {}).get("images_without_annotations"):
+        logger.warning("evaluating without the %d images that have no annotations (dataset built with "
+                       "include_empty=False); COCO protocol scores all images",
+                       base.stats["images_without_annotations"])  # fmt: skip
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    rank, world = _dist_info() if distributed or distributed is None else (0, 1)
+    if distributed and world == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("distributed=True but torch.distributed is not initialised")
+    view = _EvalImages(dataset)
+    if len(view) == 0:
+        raise ValueError("evaluate got an empty dataset")
+    sampler = torch.utils.data.DistributedSampler(view, shuffle=False) if world > 1 else None
+    loader = DataLoader(view, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate)
+
+    was_training = model.training
+    model.eval()
+    per_image: dict[int, list[list[dict]]] = {}  # image id -> per stage list of COCO dicts
+    try:
+        from tqdm.auto import tqdm
+
+        for images, image_ids in tqdm(loader, desc="evaluate", disable=not progress or rank != 0):
+            images = [im.to(device) for im in images]
+            outputs = model(images, all_stages=True) if all_stages else [model(images)]
+            for s, stage_results in enumerate(outputs):
+                coco_dicts = results_to_coco(stage_results, image_ids, label_to_category_id, mask_threshold)
+                for image_id in image_ids:
+                    per_image.setdefault(image_id, [[] for _ in outputs])
+                for d in coco_dicts:
+                    per_image[d["image_id"]][s].append(d)
+    finally:
+        model.train(was_training)
+
+    if world > 1:  # DistributedSampler pads with repeats: merging by image id removes them
+        gathered: list[dict] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, per_image)
+        per_image = {}
+        for part in gathered:
+            for image_id, stages in part.items():
+                per_image.setdefault(image_id, stages)
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        metrics = _score(coco_gt, per_image, iou_types, results_path, all_stages)
+    if world > 1:
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
+
+
+def _score(coco_gt: COCO, per_image: dict, iou_types: Sequence[str], results_path, all_stages: bool) -> dict:
+    image_ids = sorted(per_image)
+    num_stages = max((len(v) for v in per_image.values()), default=1)
+    stage_results = [[d for i in image_ids for d in per_image[i][s]] for s in range(num_stages)]
+    if results_path is not None:
+        path = Path(results_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stage_results[-1]))
+    stages = [coco_evaluate(coco_gt, r, iou_types, img_ids=image_ids) for r in stage_results]
+    metrics: dict[str, Any] = dict(stages[-1])
+    if all_stages:
+        metrics["stages"] = stages
+    return metrics

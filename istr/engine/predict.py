@@ -1,0 +1,75 @@
+"""Inference helper: image files or tensors in, torchvision-style per-image results out."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["predict"]
+
+ImageLike = str | Path | torch.Tensor
+
+
+def _as_image(item: ImageLike) -> torch.Tensor:
+    from istr.data.coco import load_image
+
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(f"expected an image path or a tensor [3, H, W], got {type(item).__name__}")
+    if item.ndim != 3 or item.shape[0] not in (1, 3):
+        raise ValueError(f"image tensors must be [3, H, W] (or [1, H, W]), got shape {tuple(item.shape)}")
+    image = item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    images: ImageLike | Sequence[ImageLike],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    score_threshold: float | None = None,
+    all_stages: bool = False,
+) -> Any:
+    """Run `model` in eval mode on image paths or tensors ([3, H, W] float in [0, 1] or uint8; a [B, 3, H, W]
+    batch counts as B images). Returns, on the CPU, one result {"boxes", "labels", "scores", "masks"} per image
+    (a single dict for a single path/[3, H, W] tensor, else a list); detections below score_threshold are
+    dropped. all_stages=True returns, per stage, such results (model(images, all_stages=True)).
+    The model's train/eval mode is restored afterwards.
+    """
+    single = isinstance(images, (str, Path)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+    items = [images] if single else list(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    stages_out: list[list[dict]] | None = None
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = [_as_image(x).to(device) for x in items[start : start + batch_size]]
+            out = model(batch, all_stages=True) if all_stages else [model(batch)]
+            if stages_out is None:
+                stages_out = [[] for _ in out]
+            for s, results in enumerate(out):
+                stages_out[s].extend(_filter(r, score_threshold) for r in results)
+    finally:
+        model.train(was_training)
+    stages_out = stages_out or [[]]
+    per_stage = [r[0] if single else r for r in stages_out]
+    return per_stage if all_stages else per_stage[0]
+
+
+def _filter(result: dict, score_threshold: float | None) -> dict:
+    result = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+    if score_threshold is not None and "scores" in result:
+        keep = result["scores"] >= score_threshold
+        n = keep.shape[0]
+        result = {k: v[keep] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v
+                  for k, v in result.items()}  # fmt: skip
+    return result
