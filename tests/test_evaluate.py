@@ -61,8 +61,11 @@ def test_reproduces_pycocotools_fixture_exactly(fixture_results):
     same = [n for n in NAMES if n not in ("APs", "APm", "APl")]
     assert [round(metrics["bbox"][n], 4) for n in same] == [REFERENCE["bbox"][NAMES.index(n)] for n in same]
     assert round(metrics["bbox"]["AP"], 4) == 0.5097 and round(metrics["segm"]["AP"], 4) == 0.3598
-    exact = coco_evaluate(gt, coco_results, iou_types=("bbox",), bbox_area="mask")
+    exact = coco_evaluate(gt, coco_results, iou_types=("bbox",), bbox_area="mask", per_category=True)
     assert [round(exact["bbox"][n], 4) for n in NAMES] == REFERENCE["bbox"]
+    per_category = exact["bbox"]["per_category"]  # AP is the mean over categories that have GT
+    assert len(per_category) == 80 and "person" in per_category
+    assert np.nanmean(list(per_category.values())) == pytest.approx(exact["bbox"]["AP"], abs=1e-12)
     assert "bbox" in coco_results[0]  # coco_evaluate worked on copies: inputs not mutated by loadRes
     assert "area" not in coco_results[0] and "id" not in coco_results[0]
 
@@ -197,3 +200,19 @@ def test_predict_helper(synth_val):
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         predict(model, torch.zeros(2, 5, 5))
     assert np.isfinite(single["scores"].numpy()).all()
+
+
+def test_evaluate_real_untrained_model(synth_val, tmp_path):
+    """The library's own model through evaluate(all_stages=True): contract check, not an accuracy check."""
+    import istr
+
+    torch.manual_seed(0)
+    model = istr.create_model("istr_tiny", num_classes=synth_val.num_classes, codec_name="dct",
+                              codec_config={"mask_size": 28, "dim": 60}, min_size=96, max_size=128)  # fmt: skip
+    metrics = evaluate(model, synth_val, batch_size=2, all_stages=True, progress=False, results_path=tmp_path / "r.json")
+    assert len(metrics["stages"]) == model.num_stages and metrics["segm"] == metrics["stages"][-1]["segm"]
+    for stage in metrics["stages"]:
+        assert all(0.0 <= stage[t]["AP"] <= 1.0 for t in ("bbox", "segm"))
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written and all(r["category_id"] in synth_val.label_to_category_id for r in written)
+    assert metrics["segm"]["AP"] < 0.5  # an untrained model must not look good
