@@ -99,6 +99,8 @@ class ISTR(nn.Module):
     def config(self) -> dict[str, Any]:
         """Plain-value description that rebuilds this model (used by istr.save_model)."""
         cfg: dict[str, Any] = dict(self.hparams)
+        cfg.update(stage_logit_average=self.stage_logit_average, logit_average_from=self.logit_average_from,
+                   detections_per_image=self.detections_per_image, mask_threshold=self.mask_threshold)
         bb_config = getattr(self.backbone, "config", None)
         cfg["backbone"] = bb_config() if callable(bb_config) else None
         cfg["codec"] = {"name": self.codec.codec_name, "config": self.codec.config()}
