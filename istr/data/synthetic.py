@@ -148,9 +148,16 @@ def render_image(
         owner[window][mask] = len(labels)
         labels.append(cls)
         full_areas.append(int(mask.sum()))
-    sigma = rng.uniform(0.01, 0.05)
-    image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(sigma)
-    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    # pixel noise: uniform with std in [0.01, 0.05] (uniform draws are ~4x cheaper than normal ones)
+    amplitude = np.float32(rng.uniform(0.01, 0.05) * np.sqrt(12.0))
+    noise = rng.random(size=image.shape, dtype=np.float32)
+    noise -= np.float32(0.5)
+    noise *= amplitude
+    image += noise
+    np.clip(image, 0.0, 1.0, out=image)
+    image *= np.float32(255.0)
+    image += np.float32(0.5)
+    image = image.astype(np.uint8)
     instances = []
     for i, (cls, full) in enumerate(zip(labels, full_areas)):
         visible = owner == i
