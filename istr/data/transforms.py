@@ -4,6 +4,7 @@ Built on torchvision.transforms.v2 and tv_tensors: `Compose` wraps the target's 
 "masks" as Mask once, runs the transforms (v2 transforms or any callable (image, target) -> (image, target)),
 then unwraps to plain tensors, clips boxes and drops instances whose mask or box became empty.
 The model does the final resize (min_size/max_size), so these transforms are augmentation only and optional.
+All randomness comes from torch's global RNG (torch.manual_seed makes a sample's augmentation reproducible).
 """
 from __future__ import annotations
 
