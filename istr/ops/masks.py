@@ -85,8 +85,10 @@ def crop_masks(
     if isinstance(masks, torch.Tensor) or isinstance(masks, np.ndarray):
         masks = _as_mask_tensor(masks, image_size)
         n = masks.shape[0]
-    else:
+    elif isinstance(masks, Sequence):
         n = len(masks)
+    else:
+        raise TypeError(f"masks must be a tensor [N, H, W] or a list of COCO segmentations, got {type(masks).__name__}")
     boxes = _check_boxes(boxes, n).float()
     if mask_size < 1:
         raise ValueError(f"mask_size must be >= 1, got {mask_size}")

@@ -1,0 +1,145 @@
+"""Tests for istr.ops mask crop (roi_align), paste-back (grid_sample) and rasterisation, on real COCO masks."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_real_instances
+from istr.ops import crop_masks, paste_masks, rasterize
+
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def real(coco_pool_train_json):
+    return load_real_instances(coco_pool_train_json, 60, with_full_masks=True)
+
+
+def test_rasterize_equals_ann_to_mask(real, coco_pool_train_json):
+    coco = real["coco"]
+    for ann, (h, w), full in zip(real["anns"], real["sizes"], real["full"]):
+        out = rasterize(ann["segmentation"], h, w)
+        assert out.dtype == np.uint8 and out.shape == (h, w)
+        np.testing.assert_array_equal(out, full)
+    crowd = [a for a in coco.dataset["annotations"] if a.get("iscrowd")][:3]  # uncompressed RLE
+    assert crowd, "the pool should contain crowd annotations"
+    for ann in crowd:
+        img = coco.imgs[ann["image_id"]]
+        np.testing.assert_array_equal(rasterize(ann["segmentation"], img["height"], img["width"]), coco.annToMask(ann))
+
+
+def test_rasterize_bad_input():
+    with pytest.raises(TypeError, match="polygon list or an RLE"):
+        rasterize("not a segmentation", 10, 10)
+    with pytest.raises(ValueError, match=">= 3 points"):
+        rasterize([[1.0, 2.0, 3.0, 4.0]], 10, 10)
+    with pytest.raises(ValueError, match="RLE size"):
+        rasterize({"counts": [100], "size": [10, 10]}, 20, 20)
+    assert rasterize([], 4, 5).shape == (4, 5)
+
+
+def test_crop_then_paste_recovers_real_masks(real):
+    """Crop each real mask by its GT box, paste it back: large M is near lossless, M=28 as the codec protocol."""
+    for m, floor_mean, floor_min in ((112, 0.985, 0.9), (28, 0.97, 0.6)):
+        ious = []
+        for full, box, (h, w) in zip(real["full"], real["boxes"], real["sizes"]):
+            grid = crop_masks(torch.from_numpy(full)[None], box[None], m)
+            assert grid.shape == (1, m, m) and grid.dtype == torch.float32
+            assert 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
+            pasted = paste_masks(grid, box[None], (h, w), threshold=0.5)[0].numpy()
+            ious.append(_iou(pasted, full.astype(bool)))
+        assert np.mean(ious) > floor_mean, (m, np.mean(ious))
+        assert np.min(ious) > floor_min, (m, np.min(ious))
+
+
+def test_crop_from_segmentations_equals_crop_from_tensors(real):
+    img_id = real["anns"][0]["image_id"]
+    idx = [i for i, a in enumerate(real["anns"]) if a["image_id"] == img_id]
+    segs = [real["anns"][i]["segmentation"] for i in idx]
+    full = torch.from_numpy(np.stack([real["full"][i] for i in idx]))
+    boxes = real["boxes"][idx]
+    a = crop_masks(segs, boxes, 28, image_size=real["sizes"][idx[0]], chunk_size=2)
+    b = crop_masks(full, boxes, 28)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="image_size"):
+        crop_masks(segs, boxes, 28)
+
+
+def test_crop_is_roi_align_of_box_content():
+    masks = torch.zeros(2, 40, 50)
+    masks[0, 10:30, 5:25] = 1  # exactly the box below -> all ones
+    masks[1, :, 25:] = 1  # right half of the box
+    boxes = torch.tensor([[5.0, 10.0, 25.0, 30.0], [15.0, 0.0, 35.0, 40.0]])
+    grids = crop_masks(masks, boxes, 8)
+    torch.testing.assert_close(grids[0], torch.ones(8, 8))
+    torch.testing.assert_close(grids[1][:, :4], torch.zeros(8, 4))
+    torch.testing.assert_close(grids[1][:, 4:], torch.ones(8, 4))
+
+
+@pytest.mark.parametrize("m, box", [(4, [3.0, 4.0, 13.0, 9.0]), (4, [5.0, 5.0, 6.0, 6.0]), (28, [0.0, 0.0, 60.0, 40.0]),
+                                     (28, [7.0, 2.0, 50.0, 37.0]), (28, [3.0, 4.0, 13.0, 9.0])])
+def test_paste_of_ones_fills_exactly_the_box(m, box):
+    out = paste_masks(torch.ones(1, m, m), torch.tensor([box]), (40, 60), threshold=0.5)
+    expected = torch.zeros(40, 60, dtype=torch.bool)
+    x0, y0, x1, y1 = map(int, box)
+    expected[y0:y1, x0:x1] = True
+    assert out.dtype == torch.bool and out.shape == (1, 40, 60)
+    assert torch.equal(out[0], expected)
+    soft = paste_masks(torch.ones(1, 1, m, m), torch.tensor([box]), (40, 60))  # [N, 1, M, M] accepted
+    assert soft.dtype == torch.float32 and float(soft.max()) <= 1.0
+    if (~expected).any():
+        assert float(soft[0][~expected].max()) < 0.5
+
+
+def test_paste_coarse_grid_in_large_box_keeps_edges():
+    """Bilinear paste (detectron2 convention, zero padding) fades towards the grid border: box edges stay >= 0.5,
+    only corners of boxes much larger than the grid drop below; nothing leaks outside the box."""
+    soft = paste_masks(torch.ones(1, 4, 4), torch.tensor([[0.0, 0.0, 60.0, 40.0]]), (40, 60))[0]
+    assert (soft[20] >= 0.5).all() and (soft[:, 30] >= 0.5).all()
+    assert float(soft[0, 0]) < 0.5
+    out = paste_masks(torch.ones(1, 4, 4), torch.tensor([[7.0, 2.0, 50.0, 37.0]]), (40, 60))[0]
+    assert float(out[:2].max()) < 0.5 and float(out[37:].max()) < 0.5
+    assert float(out[:, :7].max()) < 0.5 and float(out[:, 50:].max()) < 0.5
+
+
+def test_paste_fractional_box_and_box_outside_image():
+    out = paste_masks(torch.ones(2, 8, 8), torch.tensor([[2.3, 1.6, 7.7, 6.4], [70.0, 50.0, 90.0, 80.0]]), (20, 30), 0.5)
+    ys, xs = torch.nonzero(out[0], as_tuple=True)
+    # pixels whose centres (i + 0.5) fall inside the box
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 7, 2, 5)
+    assert not out[1].any()
+    partly = paste_masks(torch.ones(1, 8, 8), torch.tensor([[-10.0, -5.0, 10.0, 5.0]]), (20, 30), 0.5)[0]
+    assert partly[:5, :10].all() and not partly[5:].any() and not partly[:, 10:].any()
+
+
+def test_degenerate_boxes():
+    grids = torch.ones(3, 8, 8)
+    boxes = torch.tensor([[5.0, 5.0, 5.0, 9.0], [5.0, 5.0, 9.0, 5.0], [9.0, 9.0, 5.0, 5.0]])
+    assert not paste_masks(grids, boxes, (20, 20)).any()
+    masks = torch.ones(3, 20, 20)
+    cropped = crop_masks(masks, boxes, 8)  # zero-size boxes: no crash, sample the point
+    assert cropped.shape == (3, 8, 8) and torch.isfinite(cropped).all()
+
+
+def test_empty_inputs():
+    assert crop_masks(torch.zeros(0, 10, 12), torch.zeros(0, 4), 28).shape == (0, 28, 28)
+    assert crop_masks([], torch.zeros(0, 4), 28, image_size=(10, 12)).shape == (0, 28, 28)
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12)).shape == (0, 10, 12)
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12), threshold=0.5).dtype == torch.bool
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match=r"boxes must be \[2, 4\]"):
+        crop_masks(torch.zeros(2, 10, 10), torch.zeros(3, 4), 8)
+    with pytest.raises(ValueError, match="non-finite"):
+        crop_masks(torch.zeros(1, 10, 10), torch.tensor([[0.0, 0.0, float("nan"), 5.0]]), 8)
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        crop_masks(torch.zeros(10, 10), torch.zeros(1, 4), 8)
+    with pytest.raises(TypeError, match="masks must be"):
+        crop_masks(5, torch.zeros(1, 4), 8)
+    with pytest.raises(ValueError, match=r"grids must be \[N, M, M\]"):
+        paste_masks(torch.zeros(2, 8, 9), torch.zeros(2, 4), (10, 10))
+    with pytest.raises(ValueError, match=r"boxes must be \[2, 4\]"):
+        paste_masks(torch.zeros(2, 8, 8), torch.zeros(2, 5), (10, 10))
