@@ -2,6 +2,8 @@
 
 Both models run batch 1 on the same image in one process, alternating run by run so that both see the same
 machine load; the script prints both medians and the ratio ISTR / Mask R-CNN, and writes JSON if --out is given.
+It also times ISTR's transform + ResNet-50 + FPN alone (the part both models share): its ratio to Mask R-CNN
+is the floor that no ISTR head, however cheap, can go below.
 
 Fairness. Both use the same torchvision/timm ResNet-50 + FPN with frozen BatchNorm, min_size 800 / max_size
 1333, and return 100 detections with soft masks pasted at the original size. A randomly initialised Mask
@@ -13,8 +15,11 @@ passes a few hundred candidates). The default "calibrated" mode sets the thresho
 model's and it still returns its full 100 detections; "--mrcnn-thresh 0" gives the other bound.
 A randomly initialised ISTR, in turn, predicts random box deltas that compound over 6 stages and push most
 boxes out of the image (they are then dropped and never pasted). The script zeroes the last layer of each
-stage's box branch, so every box stays the whole image: ISTR returns its full 100 detections and pastes
-every mask over the whole image, its most expensive case (the FLOPs of the head are unchanged).
+stage's box branch (the head's FLOPs are unchanged), so the boxes stay the learnable query boxes, and sets
+those to random object-like boxes (--istr-boxes random, default: centres uniform in the image, sides 5-50%
+of it) or leaves them at the whole image (--istr-boxes whole: every mask pasted over the full image, ISTR's
+most expensive case). Either way ISTR returns its full 100 detections. The mean box area of both models'
+detections is printed, since pasting costs scale with it.
 
   python benchmarks/speed.py --threads 2 --repeats 5
   python benchmarks/speed.py --device cuda --dtype bf16 --width 1333
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--mrcnn-thresh", type=float, default=None,
                         help="Mask R-CNN box_score_thresh; default: calibrated to --candidates")
     parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--istr-boxes", choices=["random", "whole"], default="random")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -96,42 +102,61 @@ def main() -> None:
     image = torch.rand(3, args.height, args.width, device=device)
     istr_model = create_model("istr_r50_fpn_pca60", codec=fitted_pca()).to(device).eval()
     with torch.no_grad():
-        for stage in istr_model.stages:  # zero box deltas: boxes stay the whole image (see the docstring)
+        for stage in istr_model.stages:  # zero box deltas: boxes stay the query boxes (see the docstring)
             stage.box_branch[-1].weight.zero_()
             stage.box_branch[-1].bias.zero_()
+        if args.istr_boxes == "random":
+            k = istr_model.num_queries
+            istr_model.query_boxes.copy_(torch.cat([0.1 + 0.8 * torch.rand(k, 2), 0.05 + 0.45 * torch.rand(k, 2)], 1))
     mrcnn = build_maskrcnn(device)
     thresh = args.mrcnn_thresh if args.mrcnn_thresh is not None else calibrate_threshold(mrcnn, image, args.candidates)
     mrcnn.roi_heads.score_thresh = thresh
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def run(model) -> tuple[float, int]:
+    def run(model) -> tuple[float, dict]:
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode(), autocast:
             out = model([image])
         sync(device)
-        return time.perf_counter() - start, len(out[0]["boxes"])
+        seconds = time.perf_counter() - start
+        boxes = out[0]["boxes"].float()
+        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean() / (args.height * args.width)
+        return seconds, {"detections": len(boxes), "mean_box_area_fraction": round(float(area), 4)}
 
-    times: dict[str, list[float]] = {"istr": [], "maskrcnn": []}
+    def run_backbone(model) -> tuple[float, dict]:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast:
+            model.backbone(model.transform([image])[0])
+        sync(device)
+        return time.perf_counter() - start, {}
+
+    times: dict[str, list[float]] = {"istr": [], "maskrcnn": [], "backbone_fpn": []}
     dets = {}
-    models = {"istr": istr_model, "maskrcnn": mrcnn}
+    runs = {"istr": lambda: run(istr_model), "maskrcnn": lambda: run(mrcnn),
+            "backbone_fpn": lambda: run_backbone(istr_model)}
     for i in range(args.warmup + args.repeats):
-        for name, model in models.items():  # alternate: both see the same machine load
-            seconds, dets[name] = run(model)
+        for name, fn in runs.items():  # alternate: all see the same machine load
+            seconds, info = fn()
+            if info:
+                dets[name] = info
             if i >= args.warmup:
                 times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"device": str(device), "threads": torch.get_num_threads(), "input": [args.height, args.width],
-              "dtype": args.dtype, "repeats": args.repeats, "maskrcnn_box_score_thresh": thresh,
+              "dtype": args.dtype, "repeats": args.repeats, "maskrcnn_box_score_thresh": thresh, "istr_boxes": args.istr_boxes,
               "detections": dets, "median_s": med, "all_s": times, "ratio_istr_over_maskrcnn": med["istr"] / med["maskrcnn"],
+              "ratio_backbone_fpn_over_maskrcnn": med["backbone_fpn"] / med["maskrcnn"],
               "fps": {k: 1.0 / v for k, v in med.items()}, "torch": torch.__version__}
     print(f"device {device}, threads {result['threads']}, input {args.height}x{args.width}, {args.dtype}, "
           f"{args.repeats} repeats (+{args.warmup} warm-up), alternating")
-    print(f"Mask R-CNN box_score_thresh {thresh:.5g}; detections: ISTR {dets['istr']}, Mask R-CNN {dets['maskrcnn']}")
-    for k in ("istr", "maskrcnn"):
-        print(f"{k:>9}: median {med[k] * 1000:8.1f} ms  ({result['fps'][k]:.2f} FPS)  runs "
+    print(f"Mask R-CNN box_score_thresh {thresh:.5g}; ISTR {dets['istr']}; Mask R-CNN {dets['maskrcnn']}")
+    for k in ("istr", "maskrcnn", "backbone_fpn"):
+        print(f"{k:>12}: median {med[k] * 1000:8.1f} ms  ({result['fps'][k]:.2f} FPS)  runs "
               + " ".join(f"{t * 1000:.0f}" for t in times[k]))
-    print(f"ratio ISTR / Mask R-CNN = {result['ratio_istr_over_maskrcnn']:.3f}")
+    print(f"ratio ISTR / Mask R-CNN = {result['ratio_istr_over_maskrcnn']:.3f}  (floor set by the shared "
+          f"ResNet-50 + FPN alone: {med['backbone_fpn'] / med['maskrcnn']:.3f})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ from torchvision.ops import roi_align
 
 import istr
 from istr.codecs import NotFittedError
-from istr.models import ISTR, Backbone, ImageTransform, apply_box_deltas, create_model, list_models, multiscale_roi_align
+from istr.models import ISTR, Backbone, ImageTransform, ISTRStage, apply_box_deltas, create_model, list_models, multiscale_roi_align
 from istr.models.head import BOX_DELTA_CLAMP
 
 TINY = dict(backbone="resnet18", num_queries=8, num_stages=2, hidden_dim=32, dynamic_dim=8, ffn_dim=64, num_heads=4,
@@ -306,6 +306,12 @@ def test_head_parameter_count_of_the_paper_model():
     assert not model.backbone.body.conv1.weight.requires_grad  # v1: stem + res2 frozen, FrozenBN
     assert model.backbone.body.layer2[0].conv1.weight.requires_grad
     assert model.transform.train_min_sizes == tuple(range(480, 801, 32)) and model.transform.max_size == 1333
+
+
+def test_v2_stage_parameter_count():
+    # reference sec. 8: a v2 stage (RoI-conv mask head, 256-d DCT/PCA embedding) has 18,677,716 parameters
+    stage = ISTRStage(80, 256, mask_head="roi_conv")
+    assert sum(p.numel() for p in stage.parameters()) == 18_677_716
 
 
 def test_zoo_registry_presets_and_overrides():

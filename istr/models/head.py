@@ -106,12 +106,16 @@ class RoICrossAttention(nn.Module):
 
 
 class RoIConvMaskHead(nn.Module):
-    """ISTR v2 mask head: RoI features [N, C, R, R] -> 2 x [conv k4 s2 p1, BN, ELU] -> conv k(R/4) valid -> [N, out]."""
+    """ISTR v2 mask head: RoI features [N, C, R, R] -> 2 x [conv k4 s2 p1, BN, ELU] -> conv k(R/4) valid -> [N, out].
 
-    def __init__(self, in_channels: int, out_dim: int, roi_size: int = 28, channels: int = 256) -> None:
+    ISTR v2 hard-wires out = C = 256; here out is the codec's dim and the conv width defaults to C.
+    """
+
+    def __init__(self, in_channels: int, out_dim: int, roi_size: int = 28, channels: int | None = None) -> None:
         super().__init__()
         if roi_size % 4:
             raise ValueError(f"mask_roi_size must be a multiple of 4 (two stride-2 convs), got {roi_size}")
+        channels = channels or in_channels
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), nn.ELU(inplace=True),
             nn.Conv2d(channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), nn.ELU(inplace=True),

@@ -68,6 +68,7 @@ class ImageTransform(nn.Module):
         """images: list of float [3, H_i, W_i] in [0, 1] -> (batch [B, 3, Hp, Wp], resized sizes [(h_i, w_i)])."""
         resized, sizes = [], []
         for img in images:
+            img = img.to(dtype=self.mean.dtype)
             h, w = img.shape[-2:]
             if self.training and len(self.train_min_sizes) > 1:
                 short = self.train_min_sizes[int(torch.randint(len(self.train_min_sizes), ()))]
