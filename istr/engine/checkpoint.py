@@ -7,7 +7,6 @@ Layout of one checkpoint (a directory, written to a temporary name and renamed w
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -20,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-    "prune_checkpoints", "capture_rng_state", "restore_rng_state", "check_model_matches",
+    "prune_checkpoints", "capture_rng_state", "restore_rng_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -76,7 +75,7 @@ def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict
     trainer_state must contain "iteration" (int); everything else (optimizer/scheduler state dicts, RNG states,
     data order, config) is stored as given with torch.save. Returns the checkpoint directory.
     """
-    from istr import save_model
+    from istr.models import save_model
 
     if "iteration" not in trainer_state:
         raise ValueError("trainer_state must contain 'iteration'")
@@ -137,7 +136,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
     Raises CheckpointMismatchError naming the differing construction args / parameters when the checkpoint was
     written by a different model, FileNotFoundError when `path` is not a checkpoint directory.
     """
-    from istr import load_model
+    from istr.models import load_model
 
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
@@ -145,54 +144,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
     state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     if state.get("format") != _FORMAT:
         raise ValueError(f"{path / STATE_FILE} is not an istr training state (format {state.get('format')!r})")
-    saved = load_model(path / MODEL_FILE, map_location=map_location)
-    check_model_matches(model, saved, source=str(path))
-    model.load_state_dict(saved.state_dict())
+    try:  # load_model(model=...) checks construction args and every tensor name/shape against `model`
+        load_model(path / MODEL_FILE, map_location=map_location, model=model)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointMismatchError(f"cannot resume from {path}: {exc}") from None
     return state
-
-
-def _construction_args(model: nn.Module) -> dict[str, Any] | None:
-    for attr in ("config", "init_args", "construction_args"):
-        value = getattr(model, attr, None)
-        if callable(value):
-            try:
-                value = value()
-            except TypeError:
-                continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-def _jsonable(x: Any) -> Any:
-    try:
-        return json.loads(json.dumps(x, default=repr))
-    except (TypeError, ValueError):
-        return repr(x)
-
-
-def check_model_matches(model: nn.Module, saved: nn.Module, source: str = "checkpoint") -> None:
-    """Raise CheckpointMismatchError unless `saved` has the same class, construction args and parameter shapes."""
-    problems: list[str] = []
-    if type(saved) is not type(model):
-        problems.append(f"model class: {source} has {type(saved).__name__}, the model is {type(model).__name__}")
-    a, b = _construction_args(saved), _construction_args(model)
-    if a is not None and b is not None:
-        a, b = _jsonable(a), _jsonable(b)
-        for key in sorted(set(a) | set(b)):
-            if a.get(key, "<missing>") != b.get(key, "<missing>"):
-                problems.append(f"construction arg {key!r}: {source} has {a.get(key, '<missing>')!r}, "
-                                f"the model has {b.get(key, '<missing>')!r}")
-    saved_sd, model_sd = saved.state_dict(), model.state_dict()
-    missing = sorted(set(model_sd) - set(saved_sd))
-    unexpected = sorted(set(saved_sd) - set(model_sd))
-    if missing:
-        problems.append(f"{len(missing)} tensors of the model are missing from the {source}, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors in the {source} do not exist in the model, e.g. {unexpected[:3]}")
-    shapes = [f"{k}: {tuple(saved_sd[k].shape)} vs {tuple(model_sd[k].shape)}"
-              for k in sorted(set(saved_sd) & set(model_sd)) if saved_sd[k].shape != model_sd[k].shape]
-    if shapes:
-        problems.append(f"{len(shapes)} tensors differ in shape ({source} vs model), e.g. " + "; ".join(shapes[:3]))
-    if problems:
-        raise CheckpointMismatchError(f"{source} was written by a different model:\n  - " + "\n  - ".join(problems))

@@ -318,7 +318,7 @@ class Trainer:
         return time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0
 
     def _check_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
-        bad = [k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+        bad = sorted(k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all())
         flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         any_bad = float(dist_utils.all_reduce_sum(flag)) > 0
         if not any_bad:
@@ -383,26 +383,28 @@ class Trainer:
         return bool(dist_utils.broadcast_object(go))
 
     def evaluate(self) -> dict[str, Any] | None:
-        """Evaluate on val_dataset (rank 0) without disturbing any RNG state; returns the metrics dict."""
+        """COCO-evaluate on val_dataset (every rank runs its shard; rank 0 logs) without disturbing any RNG state."""
         if self.val_dataset is None:
             return None
-        metrics = None
-        if self.is_main:
-            from istr.engine.evaluate import evaluate
+        from istr.engine.evaluate import evaluate
 
-            py_state, np_state = random.getstate(), np.random.get_state()
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                was_training = self.module.training
-                try:
-                    metrics = evaluate(self.module, self.val_dataset, **self.cfg.eval_kwargs)
-                finally:
-                    self.module.train(was_training)
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            self._log({"iter": self.iteration, "event": "eval", "metrics": metrics})
-            self._flush_log()
-        dist_utils.barrier()
-        return dist_utils.broadcast_object(metrics)
+        kwargs = {"progress": False, **self.cfg.eval_kwargs}
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            was_training = self.module.training
+            try:
+                metrics = evaluate(self.module, self.val_dataset, device=self.device, **kwargs)
+            finally:
+                self.module.train(was_training)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        self._log({"iter": self.iteration, "event": "eval", "metrics": metrics})
+        self._flush_log()
+        if self.is_main:
+            logger.info("iter %d  eval %s", self.iteration,
+                        "  ".join(f"{k} AP {v.get('AP', float('nan')):.4f}" for k, v in metrics.items()
+                                  if isinstance(v, dict)))
+        return metrics
 
     def train(self) -> TrainResult:
         """Run until max_iters or the time budget; returns a TrainResult. Rank 0 writes out_dir."""
@@ -451,7 +453,7 @@ class Trainer:
             self.save_checkpoint()
         model_path = None
         if self.is_main:
-            from istr import save_model
+            from istr.models import save_model
 
             model_path = self.out_dir / "model.safetensors"
             save_model(self.module, model_path)
