@@ -10,7 +10,7 @@ from torchvision.ops import roi_align
 import istr
 from istr.codecs import NotFittedError
 from istr.models import ISTR, Backbone, ImageTransform, ISTRStage, apply_box_deltas, create_model, list_models, multiscale_roi_align
-from istr.models.head import BOX_DELTA_CLAMP
+from istr.models.head import BOX_DELTA_CLAMP, DynamicInteraction
 
 TINY = dict(backbone="resnet18", num_queries=8, num_stages=2, hidden_dim=32, dynamic_dim=8, ffn_dim=64, num_heads=4,
             detections_per_image=10, min_size=64, max_size=96, train_min_sizes=(64,))
@@ -197,6 +197,24 @@ def test_initialisation_class_bias_explicit_and_independent_stages():
     assert torch.equal(model.query_boxes, torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(8, 1))
     w = model.stages[0].ffn[0].weight  # Xavier-uniform bound sqrt(6 / (fan_in + fan_out))
     assert w.abs().max() <= math.sqrt(6 / sum(w.shape)) + 1e-6
+
+
+def test_dynamic_interaction_matches_the_reference_layout():
+    # reference sec. 1.4: first d*dd generator outputs -> W1 (d x dd) row-major, next -> W2 (dd x d);
+    # flatten spatial-major (index = s*d + c)
+    torch.manual_seed(0)
+    d, dd, s = 8, 4, 2
+    layer = DynamicInteraction(d, dd, s)
+    q, tokens = torch.randn(3, d), torch.randn(3, s * s, d)
+    out = layer(q, tokens)
+    for n in range(3):
+        params = layer.generator(q[n])
+        w1, w2 = params[: d * dd].view(d, dd), params[d * dd :].view(dd, d)
+        h = torch.nn.functional.elu(torch.nn.functional.layer_norm(tokens[n] @ w1, (dd,), layer.norm1.weight, layer.norm1.bias))
+        h = torch.nn.functional.elu(torch.nn.functional.layer_norm(h @ w2, (d,), layer.norm2.weight, layer.norm2.bias))
+        flat = torch.cat([h[i] for i in range(s * s)])  # token 0's d channels, then token 1's, ...
+        o = torch.nn.functional.elu(layer.norm3(layer.out(flat)))
+        assert torch.allclose(out[n], o, atol=1e-5)
 
 
 def test_apply_box_deltas():

@@ -85,9 +85,10 @@ class DynamicInteraction(nn.Module):
         split = self.dim * self.dynamic_dim
         w1 = params[:, :split].view(-1, self.dim, self.dynamic_dim)  # [N, d, dd]
         w2 = params[:, split:].view(-1, self.dynamic_dim, self.dim)  # [N, dd, d]
-        x = F.elu(self.norm1(torch.bmm(roi_tokens, w1)))  # [N, S*S, dd]
-        x = F.elu(self.norm2(torch.bmm(x, w2)))  # [N, S*S, d]
-        return F.elu(self.norm3(self.out(x.flatten(1))))  # flatten spatial-major: index = s*d + c
+        # in-place ELUs: these [N, 49, d] tensors are the largest activations of a stage (memory-bound ops)
+        x = F.elu(self.norm1(torch.bmm(roi_tokens, w1)), inplace=True)  # [N, S*S, dd]
+        x = F.elu(self.norm2(torch.bmm(x, w2)), inplace=True)  # [N, S*S, d]
+        return F.elu(self.norm3(self.out(x.flatten(1))), inplace=True)  # flatten spatial-major: index = s*d + c
 
 
 class RoICrossAttention(nn.Module):
