@@ -147,6 +147,9 @@ class Trainer:
 
     Under torchrun (WORLD_SIZE > 1) the process group is joined from the environment, the model is wrapped in
     DistributedDataParallel, each rank reads its DistributedSampler share, and only rank 0 writes files.
+    callbacks: functions called as cb(trainer, losses) after every iteration (losses: the logged floats); they may
+    change trainer.cfg.max_iters / milestones (the lr schedule reads cfg when it steps), e.g. to fit a schedule
+    into a time budget once the speed is known.
     Files in out_dir: log.jsonl (one JSON record per iteration: losses, lr, grad_norm, time; eval records too),
     checkpoints/iter_*/ (see istr.engine.checkpoint), model.safetensors (final weights via istr.save_model),
     train_result.json.
@@ -154,7 +157,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_dataset: Sequence[Any], cfg: TrainConfig | None = None,
                  val_dataset: Sequence[Any] | None = None, out_dir: str | Path = "runs/train",
-                 collate_fn: Callable | None = None) -> None:
+                 collate_fn: Callable | None = None,
+                 callbacks: Sequence[Callable[["Trainer", dict[str, float]], None]] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if cfg is None:
@@ -168,6 +172,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.val_dataset = val_dataset
         self.train_dataset = train_dataset
+        self.callbacks = list(callbacks)
 
         self._seed_everything(cfg.seed + self.dist.rank)
         self.module = model.to(self.device)
@@ -177,9 +182,7 @@ class Trainer:
                 self.module, device_ids=[self.device] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters)
         self.optimizer = self._build_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: warmup_multistep_factor(it, cfg.warmup_iters, cfg.warmup_factor,
-                                                               cfg.milestones, cfg.gamma))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.batch_sampler = ResumableBatchSampler(len(train_dataset), cfg.batch_size, seed=cfg.seed,
                                                    rank=self.dist.rank, world_size=self.dist.world_size,
                                                    shuffle=cfg.shuffle, drop_last=True)
@@ -199,6 +202,10 @@ class Trainer:
         self._log_buffer: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _lr_factor(self, iteration: int) -> float:
+        c = self.cfg  # read at every step, so callbacks may move milestones
+        return warmup_multistep_factor(iteration, c.warmup_iters, c.warmup_factor, c.milestones, c.gamma)
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
@@ -440,6 +447,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2g}")
                 if bar is not None:
                     bar.update(1)
+                for callback in self.callbacks:
+                    callback(self, losses)
                 if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     saved_at = self.iteration
@@ -453,10 +462,8 @@ class Trainer:
             self.save_checkpoint()
         model_path = None
         if self.is_main:
-            from istr.models import save_model
-
             model_path = self.out_dir / "model.safetensors"
-            save_model(self.module, model_path)
+            ckpt.save_weights(self.module, model_path)
         if cfg.eval_at_end and self.val_dataset is not None and not (cfg.eval_every and self.iteration % cfg.eval_every == 0):
             metrics = self.evaluate()
         result = TrainResult(iterations=self.iteration, elapsed_s=round(self.elapsed_before + self._run_elapsed(), 3),
@@ -481,13 +488,15 @@ def _jsonable_config(cfg: TrainConfig) -> dict[str, Any]:
 
 def train(model: nn.Module, train_dataset: Sequence[Any], cfg: TrainConfig | None = None,
           val_dataset: Sequence[Any] | None = None, out_dir: str | Path = "runs/train",
-          resume: bool | str | Path = False, collate_fn: Callable | None = None) -> TrainResult:
+          resume: bool | str | Path = False, collate_fn: Callable | None = None,
+          callbacks: Sequence[Callable[[Trainer, dict[str, float]], None]] = ()) -> TrainResult:
     """Train `model` on `train_dataset` ((image [3,H,W] float in [0,1], target dict) pairs) following `cfg`.
 
     resume: False (start fresh), True (continue from out_dir's newest checkpoint if there is one), or a
     checkpoint directory. Returns a TrainResult; see Trainer for the files written to out_dir.
     """
-    trainer = Trainer(model, train_dataset, cfg, val_dataset=val_dataset, out_dir=out_dir, collate_fn=collate_fn)
+    trainer = Trainer(model, train_dataset, cfg, val_dataset=val_dataset, out_dir=out_dir, collate_fn=collate_fn,
+                      callbacks=callbacks)
     if resume is True:
         trainer.resume(None)
     elif resume:

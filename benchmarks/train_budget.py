@@ -1,0 +1,141 @@
+"""Same data, same wall-clock budget, same machine, same evaluator: ISTR (istr_tiny, the demo) vs torchvision Mask R-CNN.
+
+    python benchmarks/train_budget.py --minutes 10 --out benchmarks/results/train_budget
+
+ISTR is trained by istr.demo.run_demo (synthetic shapes, PCA codec, istr_tiny). Mask R-CNN is torchvision's
+MaskRCNN on a ResNet-18 FPN (ISTR-tiny's backbone family, weights=None, trainable BatchNorm, anchors scaled to the
+small images), trained by the same istr Trainer (same sampler, flips, AdamW, warmup, clipping, budget-fitted step
+decay) and scored by the same istr.engine.evaluate (pycocotools). Writes train_budget.json and train_budget.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_budget"
+
+
+class TorchvisionDetector(nn.Module):
+    """A torchvision detection model behind istr's conventions: labels 0..C-1 (torchvision keeps 0 for the
+    background) and a loss dict with the total under "loss"."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, Any]] | None = None):
+        if self.training:
+            shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+            losses = self.model(images, shifted)
+            return {**losses, "loss": sum(losses.values())}
+        return [{**out, "labels": out["labels"] - 1} for out in self.model(images)]
+
+
+def build_mask_rcnn(num_classes: int, image_size: int, backbone: str = "resnet18") -> TorchvisionDetector:
+    """Mask R-CNN with a randomly initialised ResNet FPN; anchors 8..128 px for images of ~image_size px."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    body = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5, norm_layer=nn.BatchNorm2d)
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    model = MaskRCNN(body, num_classes=num_classes + 1, min_size=image_size, max_size=image_size,
+                     rpn_anchor_generator=anchors)
+    return TorchvisionDetector(model)
+
+
+def train_mask_rcnn(data_dir: Path, out_dir: Path, minutes: float, lr: float, batch_size: int, seed: int,
+                    progress: bool) -> dict[str, Any]:
+    from istr.data import CocoInstances, build_transforms
+    from istr.demo import DEMO_TRAIN, fit_schedule_to_budget
+    from istr.engine.evaluate import evaluate
+    from istr.engine.train import TrainConfig, Trainer
+
+    train_set = CocoInstances(data_dir / "train", data_dir / "annotations" / "instances_train.json",
+                              transforms=build_transforms(True, crop_prob=0.0))
+    val_set = CocoInstances(data_dir / "val", data_dir / "annotations" / "instances_val.json", include_empty=True)
+    image_size = int(train_set[0][0].shape[-1])
+    torch.manual_seed(seed)
+    model = build_mask_rcnn(train_set.num_classes, image_size)
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, max_iters=None, max_minutes=minutes,
+                      warmup_iters=DEMO_TRAIN["warmup_iters"], milestones=(), gamma=DEMO_TRAIN["gamma"],
+                      clip_grad_norm=DEMO_TRAIN["clip_grad_norm"], seed=seed, checkpoint_every=0, log_every=10,
+                      progress=progress, device="cpu", eval_at_end=False)
+    trainer = Trainer(model, train_set, cfg, out_dir=out_dir,
+                      callbacks=[fit_schedule_to_budget(20, DEMO_TRAIN["decay_at"])])
+    result = trainer.train()
+    t0 = time.perf_counter()
+    metrics = evaluate(model, val_set, progress=False)
+    return {"metrics": {k: metrics[k] for k in ("bbox", "segm")}, "iterations": result.iterations,
+            "train_seconds": round(result.elapsed_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+            "images_seen": result.iterations * batch_size, "lr": lr, "batch_size": batch_size,
+            "milestones": list(cfg.milestones), "parameters": sum(p.numel() for p in model.parameters()),
+            "model": "torchvision MaskRCNN, resnet18 FPN (weights=None, BatchNorm), anchors 8-128"}
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    cols = ["AP", "AP50", "AP75", "APs", "APm"]
+    fmt = lambda v: "n/a" if v < 0 else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"# Same budget ({report['minutes']:g} min of training), same data, same machine, same evaluator", "",
+             "| model | params | iterations | images seen | " + " | ".join(f"mask {c}" for c in cols)
+             + " | box AP | box AP50 |", "|---" * (6 + len(cols)) + "|"]
+    for name, r in report["runs"].items():
+        m = r["metrics"]
+        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['iterations']} | {r['images_seen']} | "
+                     + " | ".join(fmt(m["segm"][c]) for c in cols)
+                     + f" | {fmt(m['bbox']['AP'])} | {fmt(m['bbox']['AP50'])} |")
+    mach = report["machine"]
+    lines += ["", f"Data: {report['data']}. Machine: {mach['cpu']}, {mach['cores']} cores, "
+              f"{mach['torch_threads']} torch threads, torch {mach['torch']}; load average at start "
+              f"{mach.get('load_average_1m')} (above the core count means the CPU was shared).",
+              "Both trained by istr.engine.Trainer (AdamW, warmup, grad clip 1.0, h-flip, lr x0.1 at 80% of the "
+              "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--maskrcnn-lr", type=float, default=1e-4, help="AdamW lr for Mask R-CNN")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--istr-metrics", type=Path, default=None,
+                        help="reuse a finished demo's metrics.json (its data/ folder is reused too)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from istr.demo import machine_info, run_demo
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.istr_metrics is not None:
+        istr_report = json.loads(args.istr_metrics.read_text())
+        data_dir = args.istr_metrics.parent / "data"
+    else:
+        istr_report = run_demo(args.out / "istr", minutes=args.minutes, threads=args.threads, seed=args.seed,
+                               progress=not args.no_progress)
+        data_dir = args.out / "istr" / "data"
+    istr_run = {k: istr_report[k] for k in ("metrics", "iterations", "train_seconds", "images_seen")}
+    istr_run["parameters"] = istr_report["model"]["parameters"]
+    istr_run["lr"] = istr_report["train"]["lr"]
+    mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
+                            args.seed, not args.no_progress)
+    report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine_info(),
+              "runs": {"ISTR (istr_tiny, PCA-60)": istr_run, "Mask R-CNN (R18-FPN)": mrcnn}}
+    (args.out / "train_budget.json").write_text(json.dumps(report, indent=2))
+    (args.out / "train_budget.md").write_text(_markdown(report))
+    print(_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

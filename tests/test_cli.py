@@ -1,0 +1,100 @@
+"""The `istr` command line: --help of every subcommand, and a tiny fit-codec -> train -> resume -> eval -> predict run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from istr.cli import build_parser, main, parse_key_values, resolve_model_path
+from train_utils import TINY_CODEC, TINY_MODEL, make_data
+
+COMMANDS = ["fit-codec", "train", "eval", "predict", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: istr {command}") and len(out) > 300
+
+
+def test_python_dash_m_istr_lists_the_subcommands():
+    proc = subprocess.run([sys.executable, "-m", "istr", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert command in proc.stdout
+
+
+def test_key_value_parsing_and_errors(tmp_path, capsys):
+    assert parse_key_values(["a=1", "b=[48, 64]", "c=true", "d=resnet18", "e=1e-3"]) == \
+        {"a": 1, "b": [48, 64], "c": True, "d": "resnet18", "e": 1e-3}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_key_values(["novalue"])
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        resolve_model_path(tmp_path / "missing")
+    with pytest.raises(SystemExit) as exit_info:  # user errors exit 2 with a one-line message, no traceback
+        main(["train", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "istr train: error: no training data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--augment", "sideways"])
+
+
+def _model_args() -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+
+
+def test_fit_codec_train_resume_eval_predict(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    codec = tmp_path / "codec.safetensors"
+    assert main(["fit-codec", "--ann", data["train_annotations"], "--codec", "pca", "--mask-size",
+                 str(TINY_CODEC["mask_size"]), "--dim", str(TINY_CODEC["dim"]), "--val-ann",
+                 data["val_annotations"], "--out", str(codec)]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert codec.is_file() and 0.5 < report["fit_mean_iou"] <= 1 and 0 < report["val_mean_iou"] <= 1
+
+    run = tmp_path / "run"
+    common = ["train", "--synthetic", data["root"], "--codec", str(codec), "--model-arg", *_model_args(),
+              "--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "2", "--checkpoint-every", "2",
+              "--out", str(run), "--no-progress", "--no-eval"]
+    assert main(common + ["--max-iters", "2"]) == 0
+    assert "trained 2 iterations" in capsys.readouterr().out
+    assert main(common + ["--max-iters", "3", "--resume"]) == 0  # continues from checkpoints/iter_0000002
+    assert "trained 3 iterations" in capsys.readouterr().out
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [1, 2, 3] and all("lr" in r and "loss" in r for r in log)
+    assert (run / "model.safetensors").is_file()
+
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["eval", str(run), "--synthetic", data["root"], "--out", str(metrics_file), "--no-progress"]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert 0 <= metrics["segm"]["AP"] <= 1 and 0 <= metrics["bbox"]["AP"] <= 1
+    assert "mask: AP" in capsys.readouterr().out
+
+    image = sorted(Path(data["val_images"]).iterdir())[0]
+    out = tmp_path / "pred"
+    assert main(["predict", str(run / "model.safetensors"), str(image), "--out", str(out),
+                 "--score-threshold", "0.0", "--ann", data["val_annotations"]]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert records[0]["image"] == str(image) and Path(records[0]["overlay"]).is_file()
+    assert 1 <= len(records[0]["scores"]) <= TINY_MODEL["detections_per_image"]  # threshold 0: all non-empty
+    assert set(records[0]["names"]) <= {"ellipse", "triangle", "star", "cross", "crescent", "ring", "frame", "L"}
+
+
+def test_demo_end_to_end_small(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["--threads", "1", "demo", "--out", str(out), "--minutes", "1", "--max-iters", "3",
+                 "--num-train", "8", "--num-val", "3", "--image-size", "64", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 3 and 0 <= metrics["metrics"]["segm"]["AP"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| mask (segm) |" in report and "training time" in report and metrics["machine"]["cpu"] in report
+    assert (out / "loss_curve.png").stat().st_size > 5000
+    assert len(list((out / "overlays").glob("*.png"))) == 3
