@@ -104,10 +104,14 @@ def test_file_holds_tensors_and_construction_args(tmp_path):
 
 def test_loading_into_a_different_model_names_the_mismatch(tmp_path):
     path = tmp_path / "m.safetensors"
-    istr.save_model(small_model(), path)
-    same = small_model(detections_per_image=3)  # inference-only settings may differ
-    istr.load_model(path, model=same)
-    assert same.detections_per_image == 3
+    saved = small_model()
+    one_training_step(saved)
+    istr.save_model(saved, path)
+    same = small_model(detections_per_image=3).train()  # inference-only settings may differ
+    assert istr.load_model(path, model=same) is same
+    assert same.detections_per_image == 3 and same.training  # keeps its settings and mode
+    for (name, a), b in zip(saved.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="num_classes: file 3 vs model 5"):
         istr.load_model(path, model=istr.create_model("istr_tiny", num_classes=5, codec=fitted_pca(), **SMALL))
     with pytest.raises(ValueError, match="num_queries"):

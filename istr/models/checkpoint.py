@@ -92,13 +92,16 @@ def _config_mismatches(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", model: ISTR | None = None) -> ISTR:
-    """Load a model written by save_model, rebuilt from its stored construction args; returned in eval mode.
+    """Load a model written by save_model, rebuilt from its stored construction args, on `map_location`,
+    in eval mode.
 
-    model: load into this existing model instead; a ValueError names every construction arg and tensor that
-    differs (inference-only settings such as min_size or detections_per_image may differ).
+    model: load into this existing model instead (it keeps its device and train/eval mode); a ValueError names
+    every construction arg and tensor that differs (inference-only settings such as min_size or
+    detections_per_image may differ).
     """
     path = Path(path)
     config, tensors = _read(path, map_location)
+    fresh = model is None
     if model is None:
         model = build_from_config(config)
     else:
@@ -115,4 +118,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
         raise ValueError(f"{path} does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}, "
                          f"shape mismatches {shapes[:10]}")
     model.load_state_dict(tensors)
-    return model.to(map_location).eval()
+    return model.to(map_location).eval() if fresh else model

@@ -9,7 +9,6 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from istr.codecs.base import MaskCodec, NotFittedError
-from istr.models.backbone import Backbone
 from istr.models.head import ISTRStage
 from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
 from istr.ops import crop_masks, paste_masks
@@ -252,9 +251,9 @@ class ISTR(nn.Module):
             raise NotFittedError(f"the model's {type(self.codec).__name__} is not fitted: fit it on box-cropped GT "
                                  "mask grids (model.codec.fit(grids)), or build the model with a fitted codec "
                                  "(istr.create_model(name, codec=istr.load_codec(path)))")
-        head_dim = self.stages[0].mask_branch
-        out_dim = head_dim[-1].out_features if isinstance(head_dim, nn.Sequential) else head_dim.convs[-1].out_channels
-        if out_dim != self.codec.dim:
+        branch = self.stages[0].mask_branch
+        out_dim = branch[-1].out_features if isinstance(branch, nn.Sequential) else branch.convs[-1].out_channels
+        if out_dim != self.codec.dim:  # e.g. model.codec replaced after construction
             raise ValueError(f"the mask head outputs {out_dim}-d embeddings but the codec has dim {self.codec.dim}")
 
 
