@@ -74,6 +74,25 @@ def calibrate_threshold(model: torch.nn.Module, image: torch.Tensor, candidates:
     return float(scores.topk(k).values[-1])
 
 
+def markdown(result: dict) -> str:
+    """A short markdown report of one run."""
+    med, fps = result["median_s"], result["fps"]
+    lines = ["# Inference latency: ISTR (istr_r50_fpn_pca60) vs Mask R-CNN R50-FPN", "",
+             f"device {result['device']}, {result['threads']} thread(s), input {result['input'][0]}x{result['input'][1]}, "
+             f"{result['dtype']}, batch 1, median of {result['repeats']} alternating runs, random weights, "
+             f"torch {result['torch']}.", "",
+             "| model | median (ms) | FPS | detections | mean box area / image |", "|---|---|---|---|---|"]
+    for key, label in (("istr", "ISTR"), ("maskrcnn", "Mask R-CNN"), ("backbone_fpn", "ResNet-50 + FPN alone")):
+        det = result["detections"].get(key, {})
+        lines.append(f"| {label} | {med[key] * 1000:.0f} | {fps[key]:.2f} | {det.get('detections', '-')} | "
+                     f"{det.get('mean_box_area_fraction', '-')} |")
+    lines += ["", f"Ratio ISTR / Mask R-CNN: **{result['ratio_istr_over_maskrcnn']:.3f}** (floor from the shared "
+              f"backbone + FPN: {result['ratio_backbone_fpn_over_maskrcnn']:.3f}). Mask R-CNN box_score_thresh "
+              f"{result['maskrcnn_box_score_thresh']:.4g} (calibrated; see the script's docstring); ISTR boxes: "
+              f"{result['istr_boxes']}.", ""]
+    return "\n".join(lines)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +111,7 @@ def main() -> None:
                         help="Mask R-CNN box_score_thresh; default: calibrated to --candidates")
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--istr-boxes", choices=["random", "whole"], default="random")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here (+ .md beside it)")
     args = parser.parse_args()
 
     if args.threads:
@@ -160,6 +179,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
