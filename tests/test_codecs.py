@@ -358,3 +358,45 @@ def test_encode_before_fit_raises(name):
     assert issubclass(NotFittedError, ValueError)
     with pytest.raises(ValueError, match="at least 2"):
         codec.fit(torch.zeros(1, 8, 8), **({"progress": False} if name == "autoencoder" else {}))
+
+
+# ------------------------------------------------------------------------------------------------ benchmark script
+def test_codec_benchmark_script_smoke(coco_pool_train_json, coco_pool_val_json, tmp_path):
+    """benchmarks/codecs.py end to end on small slices of the pool; its window paste equals a full-image paste."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from pycocotools import mask as mask_utils
+
+    from istr.ops import paste_masks
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "codecs.py"
+    spec = importlib.util.spec_from_file_location("codec_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    paths = {}
+    for name, src, n_images in (("fit", coco_pool_train_json, 12), ("eval", coco_pool_val_json, 25)):
+        data = json.loads(Path(src).read_text())
+        data["images"] = data["images"][:n_images]
+        keep = {img["id"] for img in data["images"]}
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    out = tmp_path / "results"
+    report = bench.main(["--fit-json", str(paths["fit"]), "--eval-json", str(paths["eval"]), "--codecs",
+                         "pca,identity,dct", "--dims", "10,30", "--mask-sizes", "16", "--out", str(out)])
+    rows = {(r["codec"], r["dim"]): r for r in report["results"]}
+    assert set(rows) == {("pca", 10), ("pca", 30), ("dct", 10), ("dct", 30), ("identity", 256)}
+    assert rows[("identity", 256)]["mean_iou"] > 0.95 and rows[("identity", 256)]["oracle_ap"] > 0.9
+    assert rows[("pca", 30)]["mean_iou"] > rows[("pca", 10)]["mean_iou"]
+    assert {"codecs.json", "codecs.md"} <= {p.name for p in out.iterdir()}
+    assert all((out / p).is_file() for p in report["plots"])
+    assert "| identity | 16 | 256 |" in (out / "codecs.md").read_text()
+    # the benchmark's per-box window paste gives the same pixels as paste_masks on the full image
+    ev = bench.load_instances(str(paths["eval"]), [16], keep_rles=False)
+    grids = ev["grids"][16][:8]
+    rles = bench.paste_to_rles(grids, {**ev, "boxes": ev["boxes"][:8], "image_sizes": ev["image_sizes"][:8]})
+    for grid, box, (h, w), rle in zip(grids, ev["boxes"][:8], ev["image_sizes"][:8], rles):
+        full = paste_masks(grid[None], box[None], (h, w), threshold=0.5)[0].numpy()
+        assert (mask_utils.decode(rle).astype(bool) == full).all()
