@@ -182,6 +182,7 @@ class AutoencoderCodec(MaskCodec):
         self.register_buffer("embed_mean", torch.zeros(dim))
         self.register_buffer("embed_std", torch.ones(dim))
         self.requires_grad_(False)
+        self.train(False)  # no dropout / batch statistics anyway: train and eval mode compute the same thing
         self.fit_history: list[dict[str, float]] = []
 
     def config(self) -> dict[str, Any]:
