@@ -21,6 +21,26 @@ DEMO_TRAIN: dict[str, Any] = dict(lr=1e-3, batch_size=8, warmup_iters=50, decay_
                                   clip_grad_norm=1.0, flip=True)
 
 
+def grid_query_boxes(num_queries: int, scales: tuple[float, ...] = (0.25, 0.5, 1.0)) -> torch.Tensor:
+    """Normalised cxcywh boxes [K, 4] tiling the image at a few scales (a spatial prior, like anchors).
+
+    ISTR starts every query box as the whole image; on a short CPU budget a spread-out start lets queries
+    specialise by location sooner. Queries are split evenly over `scales`; each scale is an n x n grid of
+    boxes of side `scale` inside the image (n = ceil(sqrt(queries of that scale))), cells taken evenly.
+    """
+    import math
+
+    boxes = []
+    per_scale = [num_queries // len(scales) + (i < num_queries % len(scales)) for i in range(len(scales))]
+    for scale, count in zip(scales, per_scale):
+        n = max(1, math.ceil(math.sqrt(count)))
+        centres = [scale / 2 + (1 - scale) * (i + 0.5) / n for i in range(n)]
+        grid = [(cx, cy) for cy in centres for cx in centres]
+        cells = [grid[round(j * (len(grid) - 1) / max(count - 1, 1))] for j in range(count)]
+        boxes += [[cx, cy, scale, scale] for cx, cy in cells]
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, torch threads and versions, and the load average (the CPU may be shared)."""
     cpu = platform.processor() or platform.machine()
