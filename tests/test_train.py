@@ -205,3 +205,12 @@ def test_bad_model_output_and_inputs_are_rejected(data, tmp_path):
 
     with pytest.raises(TypeError, match="dict of losses containing 'loss'"):
         Trainer(NoDict(), train_set, _cfg(), out_dir=tmp_path / "x").train_step()
+
+
+def test_dataloader_workers_do_not_change_the_data_or_augmentations(data, tmp_path):
+    paths, train_set, _ = data  # random flips: each sample's augmentation is seeded by (seed, epoch, index)
+    cfg = dict(max_iters=4, checkpoint_every=0)
+    train(tiny_model(paths["train_annotations"]), train_set, _cfg(**cfg), out_dir=tmp_path / "w0")
+    train(tiny_model(paths["train_annotations"]), train_set, _cfg(**cfg, num_workers=2), out_dir=tmp_path / "w2")
+    a, b = _losses(tmp_path / "w0"), _losses(tmp_path / "w2")
+    assert [a[i]["loss"] for i in sorted(a)] == [b[i]["loss"] for i in sorted(b)]
