@@ -14,7 +14,7 @@ __all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "run_demo", "fit_schedule_to
            "plot_loss_curve"]
 
 # Settings measured on the 2-core CPU dev machine (see the report written by run_demo for the numbers).
-DEMO_DATA: dict[str, Any] = dict(num_train=1000, num_val=50, image_size=128, seed=0)
+DEMO_DATA: dict[str, Any] = dict(num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8)
 DEMO_MODEL: dict[str, Any] = dict(num_queries=20, min_size=128, max_size=128, train_min_sizes=None,
                                   detections_per_image=50)
 DEMO_TRAIN: dict[str, Any] = dict(lr=1e-3, batch_size=8, warmup_iters=50, decay_at=0.8, gamma=0.1,
@@ -206,7 +206,8 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
         print(f"generating the synthetic dataset ({data_cfg['num_train']} train / {data_cfg['num_val']} val images, "
               f"{data_cfg['image_size']} px) in {data_dir}")
         make_synthetic_coco(data_dir, num_train=data_cfg["num_train"], num_val=data_cfg["num_val"],
-                            image_size=data_cfg["image_size"], seed=data_cfg["seed"])
+                            image_size=data_cfg["image_size"], seed=data_cfg["seed"],
+                            min_objects=data_cfg["min_objects"], max_objects=data_cfg["max_objects"])
         marker.write_text(json.dumps(data_cfg))
     train_ann = data_dir / "annotations" / "instances_train.json"
     val_ann = data_dir / "annotations" / "instances_val.json"
