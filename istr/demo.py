@@ -59,27 +59,33 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def fit_schedule_to_budget(calibration_iters: int = 20, decay_at: float = 0.8):
-    """Callback for Trainer: after `calibration_iters` iterations, estimate how many fit in cfg.max_minutes and set
-    cfg.max_iters to that and the lr milestone to `decay_at` of it (step decay late in training, as the paper)."""
+def fit_schedule_to_budget(calibration_iters: int = 20, decay_at: float = 0.8, every: int = 10):
+    """Callback for Trainer: put the lr step decay at `decay_at` of the iterations that fit in cfg.max_minutes.
+
+    From iteration calibration_iters + 1 on, and every `every` iterations until the decay has happened, it
+    re-estimates the total number of iterations from the mean speed so far and moves cfg.milestones there
+    (the schedule reads cfg lazily). Training itself stops on the time budget (or a given cfg.max_iters), so a
+    slow start (e.g. other processes on the CPU) does not end the run early.
+    """
     state: dict[str, float] = {}
 
     def callback(trainer, losses) -> None:
-        it = trainer.iteration
+        it, cfg = trainer.iteration, trainer.cfg
         if it == 1:
             state["t1"] = time.perf_counter()
-        if it != calibration_iters + 1 or trainer.cfg.max_minutes is None:
+        if cfg.max_minutes is None or it <= max(1, calibration_iters) or (it - calibration_iters - 1) % every:
             return
-        per_iter = (time.perf_counter() - state["t1"]) / calibration_iters
-        left = trainer.cfg.max_minutes * 60 - (trainer.elapsed_before + trainer._run_elapsed())
+        if cfg.milestones and it >= cfg.milestones[0]:
+            return  # the decay has happened: keep it
+        per_iter = (time.perf_counter() - state["t1"]) / (it - 1)
+        left = cfg.max_minutes * 60 - (trainer.elapsed_before + trainer._run_elapsed())
         total = it + max(0, int(left / per_iter))
-        if trainer.cfg.max_iters is not None:
-            total = min(total, trainer.cfg.max_iters)
-        trainer.cfg.max_iters = total
-        trainer.cfg.milestones = (max(it + 1, int(decay_at * total)),)
+        if cfg.max_iters is not None:
+            total = min(total, cfg.max_iters)
+        cfg.milestones = (max(it + 1, int(decay_at * total)),)
         if trainer.is_main:
             trainer._log({"iter": it, "event": "schedule", "seconds_per_iter": round(per_iter, 4),
-                          "max_iters": total, "milestones": list(trainer.cfg.milestones)})
+                          "expected_iters": total, "milestones": list(cfg.milestones)})
 
     return callback
 
@@ -233,7 +239,7 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
                       max_minutes=minutes, warmup_iters=train_cfg["warmup_iters"], milestones=(),
                       gamma=train_cfg["gamma"], clip_grad_norm=train_cfg["clip_grad_norm"], seed=seed,
                       checkpoint_every=0, log_every=10, progress=progress, device="cpu", eval_at_end=False)
-    calibration = min(20, max_iters - 1) if max_iters else 20
+    calibration = max(1, min(20, max_iters - 1)) if max_iters else 20
     trainer = Trainer(model, train_set, cfg, out_dir=out / "train",
                       callbacks=[fit_schedule_to_budget(calibration, train_cfg["decay_at"])])
     result = trainer.train()
@@ -267,9 +273,7 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
 def _stop_text(r: dict[str, Any]) -> str:
     if r["stop_reason"] == "time_budget":
         return "stopped when the budget ran out"
-    if r.get("max_iters_requested") is not None and r["iterations"] >= r["max_iters_requested"]:
-        return "stopped at the requested --max-iters"
-    return "iteration count estimated from the speed of the first iterations to fit the budget"
+    return "stopped at the requested --max-iters"
 
 
 def _report_md(r: dict[str, Any]) -> str:
