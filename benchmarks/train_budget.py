@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from istr.demo import machine_info, run_demo
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    machine = machine_info()  # before training: the load average tells whether the CPU was shared
     args.out.mkdir(parents=True, exist_ok=True)
     if args.istr_metrics is not None:
         istr_report = json.loads(args.istr_metrics.read_text())
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     istr_run["lr"] = istr_report["train"]["lr"]
     mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
                             args.seed, not args.no_progress)
-    report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine_info(),
+    report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine,
               "runs": {"ISTR (istr_tiny, PCA-60)": istr_run, "Mask R-CNN (R18-FPN)": mrcnn}}
     (args.out / "train_budget.json").write_text(json.dumps(report, indent=2))
     (args.out / "train_budget.md").write_text(_markdown(report))
