@@ -75,3 +75,16 @@ def test_loads_as_coco_dataset_and_cli(synth, tmp_path, capsys):
     assert Path(paths["train_images"], "000001.png").is_file() and "val_annotations" in capsys.readouterr().out
     with pytest.raises(ValueError, match="image_size"):
         make_synthetic_coco(tmp_path / "bad", image_size=(8, 8))
+
+
+def test_small_fraction_sets_the_size_mix(tmp_path):
+    def small_share(fraction: float) -> float:
+        paths = make_synthetic_coco(tmp_path / str(fraction), num_train=12, num_val=0, image_size=128,
+                                    small_fraction=fraction)
+        anns = json.loads(Path(paths["train_annotations"]).read_text())["annotations"]
+        # full shapes of half-extent < 12 px cover < 24^2 px; occlusion/truncation only make visible parts smaller
+        return float(np.mean([a["area"] < 24**2 for a in anns]))
+
+    assert small_share(1.0) > 0.9 and small_share(0.0) < small_share(1.0) - 0.5
+    with pytest.raises(ValueError, match="small_fraction"):
+        make_synthetic_coco(tmp_path / "bad", num_train=1, num_val=0, image_size=64, small_fraction=1.5)

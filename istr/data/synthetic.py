@@ -80,12 +80,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return c0.astype(np.float32) + (c1 - c0).astype(np.float32) * t
 
 
-def _sample_size(rng: np.random.Generator, m: int) -> float:
-    """Half-extent s in px of a shape for an image with short side m: ~35% small (area < 32^2), ~25% big."""
+def _sample_size(rng: np.random.Generator, m: int, small_fraction: float = 0.35) -> float:
+    """Half-extent s in px of a shape for an image with short side m: `small_fraction` small (area < 32^2), the
+    rest medium and big 40:25 (with the default 0.35: 35% small, 40% medium, 25% big)."""
     bucket = rng.random()
-    if bucket < 0.35:
+    if bucket < small_fraction:
         return rng.uniform(4.0, 12.0)
-    if bucket < 0.75:
+    if bucket < small_fraction + (1.0 - small_fraction) * 40.0 / 65.0:
         return rng.uniform(12.0, max(16.0, 0.2 * m))
     return rng.uniform(max(16.0, 0.25 * m), max(20.0, 0.45 * m))
 
@@ -117,7 +118,8 @@ def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray
 
 
 def render_image(
-    rng: np.random.Generator, image_size: tuple[int, int], min_objects: int = 3, max_objects: int = 10
+    rng: np.random.Generator, image_size: tuple[int, int], min_objects: int = 3, max_objects: int = 10,
+    small_fraction: float = 0.35,
 ) -> tuple[np.ndarray, list[dict]]:
     """Render one image -> (uint8 [H, W, 3], instances [{"label", "mask": bool [H, W] visible part,
     "visible_fraction"}]). Later shapes occlude earlier ones; masks are the visible parts."""
@@ -128,7 +130,7 @@ def render_image(
     full_areas: list[int] = []
     # larger shapes first, so smaller ones occlude them (as in photos) rather than hiding behind them
     count = int(rng.integers(min_objects, max_objects + 1))
-    sizes = sorted((_sample_size(rng, min(h, w)) for _ in range(count)), reverse=True)
+    sizes = sorted((_sample_size(rng, min(h, w), small_fraction) for _ in range(count)), reverse=True)
     for s in sizes:
         placed = _place(rng, h, w, s, owner, full_areas)
         if placed is None:
@@ -169,7 +171,7 @@ def render_image(
 
 def _write_split(
     root: Path, split: str, count: int, first_id: int, image_size: tuple[int, int], seed: int, split_index: int,
-    min_objects: int, max_objects: int, image_format: str, save: Callable,
+    min_objects: int, max_objects: int, small_fraction: float, image_format: str, save: Callable,
 ) -> Path:  # fmt: skip
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def _write_split(
     h, w = image_size
     for k in range(count):
         rng = np.random.default_rng([seed, split_index, k])  # one stream per image: order-independent
-        pixels, instances = render_image(rng, image_size, min_objects, max_objects)
+        pixels, instances = render_image(rng, image_size, min_objects, max_objects, small_fraction)
         image_id = first_id + k
         file_name = f"{image_id:06d}.{image_format}"
         save(pixels, image_dir / file_name)
@@ -216,6 +218,7 @@ def make_synthetic_coco(
     *,
     min_objects: int = 3,
     max_objects: int = 10,
+    small_fraction: float = 0.35,
     image_format: str = "jpg",
 ) -> dict[str, str]:
     """Write a COCO-format synthetic dataset under out_dir, deterministically from `seed`.
@@ -223,7 +226,7 @@ def make_synthetic_coco(
     Layout: out_dir/{train,val}/NNNNNN.jpg (or .png) and out_dir/annotations/instances_{train,val}.json (compressed-RLE
     segmentations of the visible parts, bbox, area, iscrowd=0, and an extra "visible_fraction" per annotation).
     Classes are SHAPE_CLASSES (8 shapes; concave ones and ones with holes); colours are random per instance so
-    the class is the shape. About a third of the shapes are small (< 32^2 px). The same seed gives byte-identical json
+    the class is the shape. `small_fraction` of the shapes (default about a third) are small (< 32^2 px). The same seed gives byte-identical json
     and images. Returns {"root", "train_images", "train_annotations", "val_images", "val_annotations"} as str.
     """
     if isinstance(image_size, int):
@@ -235,6 +238,8 @@ def make_synthetic_coco(
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if not 0.0 <= small_fraction <= 1.0:
+        raise ValueError(f"small_fraction must be in [0, 1], got {small_fraction}")
     fmt = image_format.lower().lstrip(".")
     if fmt not in ("png", "jpg", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
@@ -248,7 +253,7 @@ def make_synthetic_coco(
 
     root = Path(out_dir)
     common = dict(image_size=(h, w), seed=seed, min_objects=min_objects, max_objects=max_objects,
-                  image_format=fmt, save=save)  # fmt: skip
+                  small_fraction=small_fraction, image_format=fmt, save=save)  # fmt: skip
     train_ann = _write_split(root, "train", num_train, 1, split_index=0, **common)
     val_ann = _write_split(root, "val", num_val, num_train + 1, split_index=1, **common)
     return {
@@ -270,12 +275,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-objects", type=int, default=3)
     parser.add_argument("--max-objects", type=int, default=10)
+    parser.add_argument("--small-fraction", type=float, default=0.35, help="share of small shapes (area < 32^2)")
     parser.add_argument("--format", default="jpg", choices=["png", "jpg"])
     args = parser.parse_args(argv)
     size = (args.size[0], args.size[-1])
     paths = make_synthetic_coco(args.out_dir, args.num_train, args.num_val, size, args.seed,
                                 min_objects=args.min_objects, max_objects=args.max_objects,
-                                image_format=args.format)  # fmt: skip
+                                small_fraction=args.small_fraction, image_format=args.format)  # fmt: skip
     print(json.dumps(paths, indent=1))
     return paths
 
