@@ -10,6 +10,7 @@ import torch
 import istr
 from istr.losses import DEFAULT_LOSSES, LOSSES, SetCriterion, count_boxes
 from istr.matching import HungarianMatcher
+from set_utils import hand_giou, rand_boxes
 
 M, L, C, K = 8, 10, 5, 6
 
@@ -17,12 +18,6 @@ M, L, C, K = 8, 10, 5, 6
 @pytest.fixture(scope="module")
 def codec():
     return istr.create_codec("dct", mask_size=M, dim=L)
-
-
-def rand_boxes(n: int, g: torch.Generator, h: float = 60.0, w: float = 80.0) -> torch.Tensor:
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-    wh = 2 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
-    return torch.cat([xy, xy + wh], 1)
 
 
 def make_outputs(b: int, g: torch.Generator, k: int = K) -> dict:
@@ -41,15 +36,6 @@ def make_targets(sizes: list[int], g: torch.Generator, codec=None, image_sizes=N
             tgt["mask_embeds"] = codec.encode(grids)
         targets.append(tgt)
     return targets
-
-
-def hand_giou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (hull - union) / hull
 
 
 def test_registry_lists_loss_terms():
