@@ -183,19 +183,10 @@ def list_codecs(pattern: str = "*") -> list[str]:
 def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | None = None,
                map_location: str | torch.device = "cpu") -> MaskCodec:
     """Load a codec written by MaskCodec.save. Pass mask_size/dim to insist on a particular M and l."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
+    from istr.io import read_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no codec file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a codec file (not a readable safetensors file: {exc})") from None
+    meta, tensors = read_safetensors(path, "codec", map_location)
     if meta.get("format") != _FORMAT or "codec" not in meta or "config" not in meta:
         raise ValueError(f"{path} is a safetensors file but not an istr codec (metadata: {sorted(meta)})")
     config = json.loads(meta["config"])

@@ -61,17 +61,9 @@ def build_from_config(config: dict[str, Any]) -> ISTR:
 
 
 def _read(path: Path, map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from istr.io import read_safetensors
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a model file (not a readable safetensors file: {exc})") from None
+    meta, tensors = read_safetensors(path, "model", map_location)
     if meta.get("format") != _FORMAT or "config" not in meta:
         raise ValueError(f"{path} is a safetensors file but not an istr model (metadata keys: {sorted(meta)}); "
                          "codec files load with istr.load_codec")
