@@ -95,13 +95,13 @@ def train_mask_rcnn(data_dir: Path, out_dir: Path, minutes: float, lr: float, ba
 
 def _markdown(report: dict[str, Any]) -> str:
     cols = ["AP", "AP50", "AP75", "APs", "APm"]
-    fmt = lambda v: "n/a" if v < 0 else f"{100 * v:.1f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v < 0 else f"{100 * v:.2f}"  # noqa: E731
     lines = [f"# Same budget ({report['minutes']:g} min of training), same data, same machine, same evaluator", "",
-             "| model | params | iterations | images seen | " + " | ".join(f"mask {c}" for c in cols)
-             + " | box AP | box AP50 |", "|---" * (6 + len(cols)) + "|"]
+             "| model | params | AdamW lr | iterations | images seen | " + " | ".join(f"mask {c}" for c in cols)
+             + " | box AP | box AP50 |", "|---" * (7 + len(cols)) + "|"]
     for name, r in report["runs"].items():
         m = r["metrics"]
-        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['iterations']} | {r['images_seen']} | "
+        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['lr']:} | {r['iterations']} | {r['images_seen']} | "
                      + " | ".join(fmt(m["segm"][c]) for c in cols)
                      + f" | {fmt(m['bbox']['AP'])} | {fmt(m['bbox']['AP50'])} |")
     mach = report["machine"]
@@ -109,7 +109,8 @@ def _markdown(report: dict[str, Any]) -> str:
               f"{mach['torch_threads']} torch threads, torch {mach['torch']}; load average at start "
               f"{mach.get('load_average_1m')} (above the core count means the CPU was shared).",
               "Both trained by istr.engine.Trainer (AdamW, warmup, grad clip 1.0, h-flip, lr x0.1 at 80% of the "
-              "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval)."]
+              "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval).",
+              f"ISTR's run: {report.get('istr_run', 'run by this script (run_demo)')}; AP in %."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,10 +141,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_dir = args.out / "istr" / "data"
     istr_run = {k: istr_report[k] for k in ("metrics", "iterations", "train_seconds", "images_seen")}
     istr_run["parameters"] = istr_report["model"]["parameters"]
-    istr_run["lr"] = istr_report["train"]["lr"]
+    lr, mult = istr_report["train"]["lr"], istr_report["train"].get("backbone_lr_mult", 1.0)
+    istr_run["lr"] = f"{lr:g}" + (f" (backbone {lr * mult:g})" if mult != 1.0 else "")
     mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
                             args.seed, not args.no_progress)
     report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine,
+              "istr_run": f"reused from {args.istr_metrics}" if args.istr_metrics else "run by this script (run_demo)",
               "runs": {"ISTR (istr_tiny, PCA-60)": istr_run, "Mask R-CNN (R18-FPN)": mrcnn}}
     (args.out / "train_budget.json").write_text(json.dumps(report, indent=2))
     (args.out / "train_budget.md").write_text(_markdown(report))

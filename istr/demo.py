@@ -19,7 +19,8 @@ __all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "run_demo", "fit_schedule_to
 # trains at 2e-4 (backbone_lr_mult 0.4) and the head at 5e-4. Even so, ISTR's set prediction needs far more steps
 # than 10 CPU minutes give (~850 at 0.7 s each). Mask AP stayed below 0.01 after 150-900 iterations in every setting
 # tried: lr 2e-4..1.5e-3 (head 1e-3 with backbone 2e-4 too), 10-50 queries, 64-128 px, 1-8 objects per image,
-# no small objects, focal weight 6, RoI-conv mask head, grid-initialised query boxes.
+# no small objects, focal weight 6, RoI-conv mask head, grid-initialised query boxes. Given 30 minutes (2,280
+# iterations) this setting reached mask AP 0.5% / box AP 3.0%, still rising (benchmarks/results/convergence_cpu.md).
 # The same Trainer does fit real images (tests/test_real_tiny.py).
 DEMO_DATA: dict[str, Any] = dict(num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8)
 DEMO_MODEL: dict[str, Any] = dict(num_queries=20, min_size=128, max_size=128, train_min_sizes=None,
