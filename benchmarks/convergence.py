@@ -68,23 +68,13 @@ def dataset(root: Path, data_cfg: dict[str, Any]) -> Path:
 
 
 def build(cfg: dict[str, dict[str, Any]], data_dir: Path, seed: int):
-    import torch
+    """(model, train set, val set) exactly as the demo builds them, from merged settings."""
+    from istr.demo import build_demo_model, fit_demo_codec
 
-    import istr
-    from istr.data import CocoInstances, build_transforms
-    from istr.engine.fit_codec import coco_mask_grids
-
-    ann = data_dir / "annotations"
-    codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
-    codec.fit(coco_mask_grids(ann / "instances_train.json", 28))
-    transforms = build_transforms(True, crop_prob=0.0) if cfg["train"].get("flip", True) else None
-    train_set = CocoInstances(data_dir / "train", ann / "instances_train.json", transforms=transforms)
-    val_set = CocoInstances(data_dir / "val", ann / "instances_val.json", include_empty=True)
+    codec, _ = fit_demo_codec(data_dir / "annotations" / "instances_train.json")
     size = cfg["data"]["image_size"]
-    torch.manual_seed(seed)
-    model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec,
-                              **{**cfg["model"], "min_size": size, "max_size": size})
-    return model, train_set, val_set
+    return build_demo_model(data_dir, codec, {**cfg["model"], "min_size": size, "max_size": size},
+                            cfg["train"].get("flip", True), seed)
 
 
 def run_one(name: str, args: argparse.Namespace) -> None:
@@ -145,7 +135,6 @@ def probe(lr: float, args: argparse.Namespace) -> dict[str, Any]:
     from torch import nn
 
     from istr.models.head import multiscale_roi_align
-    from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
     torch.set_num_threads(args.threads)
     cfg = merged("base", json.loads(args.extra) if args.extra else None)
@@ -153,11 +142,10 @@ def probe(lr: float, args: argparse.Namespace) -> dict[str, Any]:
     backbone, dim = model.backbone, model.hparams["hidden_dim"]
     head = nn.Sequential(nn.Flatten(), nn.Linear(dim * 49, 256), nn.ReLU(), nn.Linear(256, train_set.num_classes))
     opt = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     gen, hits, t0 = torch.Generator().manual_seed(args.seed), [], time.perf_counter()
     for _ in range(args.iters):
         batch = [train_set[int(i)] for i in torch.randint(len(train_set), (cfg["train"]["batch_size"],), generator=gen)]
-        images = torch.stack([(img - mean) / std for img, _ in batch])
+        images, _ = model.transform([img for img, _ in batch])  # normalised; min_size = max_size = the image size
         k = max(len(t["labels"]) for _, t in batch)
         boxes, labels = torch.zeros(len(batch), k, 4), torch.full((len(batch), k), -1)
         for i, (_, t) in enumerate(batch):

@@ -101,7 +101,7 @@ def _markdown(report: dict[str, Any]) -> str:
              + " | box AP | box AP50 |", "|---" * (7 + len(cols)) + "|"]
     for name, r in report["runs"].items():
         m = r["metrics"]
-        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['lr']:} | {r['iterations']} | {r['images_seen']} | "
+        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['lr']} | {r['iterations']} | {r['images_seen']} | "
                      + " | ".join(fmt(m["segm"][c]) for c in cols)
                      + f" | {fmt(m['bbox']['AP'])} | {fmt(m['bbox']['AP50'])} |")
     mach = report["machine"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "run_demo", "fit_schedule_to_budget", "machine_info",
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "DEMO_CODEC", "fit_demo_codec", "build_demo_model", "run_demo", "fit_schedule_to_budget", "machine_info",
            "plot_loss_curve"]
 
 # Settings measured on the 2-core CPU dev machine (benchmarks/convergence.py). The backbone learns from scratch only
@@ -27,6 +27,34 @@ DEMO_MODEL: dict[str, Any] = dict(num_queries=20, min_size=128, max_size=128, tr
                                   detections_per_image=50)
 DEMO_TRAIN: dict[str, Any] = dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, warmup_iters=50, decay_at=0.8,
                                   gamma=0.1, clip_grad_norm=1.0, flip=True)
+DEMO_CODEC: dict[str, Any] = dict(mask_size=28, dim=60, whiten=True, logit_space=True)  # ISTR v1's PCA-60
+
+
+def fit_demo_codec(train_annotations: str | Path):
+    """The demo's PCA codec (DEMO_CODEC) fitted on the masks of a COCO json -> (codec, the grids it was fit on)."""
+    import istr
+    from istr.engine.fit_codec import coco_mask_grids
+
+    codec = istr.create_codec("pca", **DEMO_CODEC)
+    grids = coco_mask_grids(train_annotations, codec.mask_size)
+    codec.fit(grids)
+    return codec, grids
+
+
+def build_demo_model(data_dir: str | Path, codec, model_cfg: dict[str, Any], flip: bool = True, seed: int = 0):
+    """(istr_tiny with `model_cfg` overrides and `codec`, train set (h-flips if `flip`), val set) for a dataset
+    written by make_synthetic_coco in data_dir. The model is initialised after torch.manual_seed(seed)."""
+    import istr
+    from istr.data import CocoInstances, build_transforms
+
+    data_dir = Path(data_dir)
+    ann = data_dir / "annotations"
+    transforms = build_transforms(True, crop_prob=0.0) if flip else None
+    train_set = CocoInstances(data_dir / "train", ann / "instances_train.json", transforms=transforms)
+    val_set = CocoInstances(data_dir / "val", ann / "instances_val.json", include_empty=True)
+    torch.manual_seed(seed)
+    model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, **model_cfg)
+    return model, train_set, val_set
 
 
 def machine_info() -> dict[str, Any]:
@@ -178,8 +206,7 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
     minutes: the training budget (wall clock; data generation, codec fit and evaluation come on top).
     threads: torch CPU threads (default: every core). Returns the metrics.json content.
     """
-    import istr
-    from istr.data import CocoInstances, build_transforms, make_synthetic_coco
+    from istr.data import make_synthetic_coco
     from istr.engine.evaluate import evaluate
     from istr.engine.fit_codec import coco_mask_grids
     from istr.engine.train import TrainConfig, Trainer
@@ -199,17 +226,13 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
     if not (marker.is_file() and json.loads(marker.read_text()) == data_cfg):
         print(f"generating the synthetic dataset ({data_cfg['num_train']} train / {data_cfg['num_val']} val images, "
               f"{data_cfg['image_size']} px) in {data_dir}")
-        make_synthetic_coco(data_dir, num_train=data_cfg["num_train"], num_val=data_cfg["num_val"],
-                            image_size=data_cfg["image_size"], seed=data_cfg["seed"],
-                            min_objects=data_cfg["min_objects"], max_objects=data_cfg["max_objects"])
+        make_synthetic_coco(data_dir, **data_cfg)
         marker.write_text(json.dumps(data_cfg))
     train_ann = data_dir / "annotations" / "instances_train.json"
     val_ann = data_dir / "annotations" / "instances_val.json"
     t_data = time.perf_counter()
 
-    codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
-    grids = coco_mask_grids(train_ann, codec.mask_size)
-    codec.fit(grids)
+    codec, grids = fit_demo_codec(train_ann)
     codec.save(out / "codec.safetensors")
     codec_iou = {"train": _codec_iou(codec, grids), "val": _codec_iou(codec, coco_mask_grids(val_ann, codec.mask_size))}
     print(f"PCA codec (l=60, 28x28) fitted on {len(grids)} training masks: reconstruction IoU "
@@ -217,12 +240,8 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
     t_codec = time.perf_counter()
 
     train_cfg = {**DEMO_TRAIN, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None}}
-    transforms = build_transforms(True, crop_prob=0.0) if train_cfg["flip"] else None
-    train_set = CocoInstances(data_dir / "train", train_ann, transforms=transforms)
-    val_set = CocoInstances(data_dir / "val", val_ann, include_empty=True)
     model_cfg = {**DEMO_MODEL, "min_size": data_cfg["image_size"], "max_size": data_cfg["image_size"]}
-    torch.manual_seed(seed)
-    model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, **model_cfg)
+    model, train_set, val_set = build_demo_model(data_dir, codec, model_cfg, train_cfg["flip"], seed)
     cfg = TrainConfig(lr=train_cfg["lr"], backbone_lr_mult=train_cfg["backbone_lr_mult"],
                       batch_size=train_cfg["batch_size"], max_iters=max_iters,
                       max_minutes=minutes, warmup_iters=train_cfg["warmup_iters"], milestones=(),
