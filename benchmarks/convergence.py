@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "px96": {"data": {"image_size": 96}},
     "r10t": {"model": {"backbone": "resnet10t"}},
     "hd256": {"model": {"hidden_dim": 256, "dynamic_dim": 64, "ffn_dim": 1024, "num_heads": 8}},
+    # denoising training (ISTR(denoising_groups=G)): G jittered copies of the GT boxes as extra training queries
+    **{f"dn{g}": {"model": {"denoising_groups": g}} for g in (1, 2, 4)},
 }
 
 

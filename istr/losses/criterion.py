@@ -58,10 +58,15 @@ class SetCriterion(nn.Module):
         return f"losses={self.losses}, num_classes={self.num_classes}"
 
     def forward(self, stage_outputs: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]],
-                codec) -> dict[str, torch.Tensor]:
+                codec, denoising: tuple[Sequence[Mapping[str, torch.Tensor]], Sequence[tuple]] | None = None
+                ) -> dict[str, torch.Tensor]:
         """stage_outputs: list over stages of {"logits": [B, K, C], "boxes": [B, K, 4] absolute xyxy,
         "mask_embeds": [B, K, l]}; targets: B dicts {"boxes": [T, 4], "labels": int64 [T], "mask_grids":
         [T, M, M], "image_size": [2] (h, w)}; codec: the MaskCodec.
+
+        denoising: optional (stage outputs of the denoising queries, their fixed assignment: per image a pair
+        (query indices, target indices)). The same terms are added for them, without matching, normalised by
+        the number of denoising queries, and logged as f"{term}_dn_s{stage}" (ISTR(denoising_groups=G)).
 
         Returns {"loss": scalar total (to backprop), f"{term}_s{stage}": detached weighted component, ...}.
         A non-finite total is returned as is (the trainer decides what to do with it).
@@ -69,17 +74,25 @@ class SetCriterion(nn.Module):
         self._check_inputs(stage_outputs, targets)
         targets = self._with_embeds(targets, codec)
         num_boxes = count_boxes(targets, stage_outputs[0]["boxes"].device)
-        total, logs = None, {}
+        logs: dict[str, torch.Tensor] = {}
         with torch.autocast(device_type=stage_outputs[0]["boxes"].device.type, enabled=False):
             for stage, outputs in enumerate(stage_outputs):
-                indices = self.matcher(outputs, targets, codec)
-                for name, weight in self.losses.items():
-                    if weight == 0:
-                        continue
-                    value = weight * LOSSES.get(name)(outputs, targets, indices, codec, num_boxes)
-                    logs[f"{name}_s{stage}"] = value.detach()
-                    total = value if total is None else total + value
-        return {"loss": total, **logs}
+                self._add_terms(logs, f"_s{stage}", outputs, targets, self.matcher(outputs, targets, codec), codec,
+                                num_boxes)
+            if denoising is not None:
+                dn_outputs, dn_indices = denoising
+                self._check_inputs(dn_outputs, targets)
+                pairs = sum(len(src) for src, _ in dn_indices)
+                targets_here = max(sum(len(t["labels"]) for t in targets), 1)
+                num_dn = num_boxes * pairs / targets_here  # = num_boxes x G, with the same all-reduce
+                for stage, outputs in enumerate(dn_outputs):
+                    self._add_terms(logs, f"_dn_s{stage}", outputs, targets, dn_indices, codec, num_dn)
+        return {"loss": sum(logs.values()), **{k: v.detach() for k, v in logs.items()}}
+
+    def _add_terms(self, logs: dict, suffix: str, outputs, targets, indices, codec, num_boxes: float) -> None:
+        for name, weight in self.losses.items():
+            if weight != 0:
+                logs[f"{name}{suffix}"] = weight * LOSSES.get(name)(outputs, targets, indices, codec, num_boxes)
 
     @torch.no_grad()
     def _with_embeds(self, targets, codec) -> list[dict]:

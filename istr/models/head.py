@@ -129,7 +129,7 @@ class RoIConvMaskHead(nn.Module):
 class ISTRStage(nn.Module):
     """One refinement stage (reference sec. 1.4-1.6). Dropout is 0 everywhere; all norms are post-norm.
 
-    forward(features, boxes [B, K, 4], queries [B, K, d]) -> (queries [B, K, d], logits [B, K, C],
+    forward(features, boxes [B, K, 4], queries [B, K, d], attn_mask=None) -> (queries [B, K, d], logits [B, K, C],
     boxes [B, K, 4] absolute xyxy). `mask_embeds(queries, boxes, features)` -> [B, n, l] for any n queries
     (so inference can run the mask branch on the kept detections only).
     """
@@ -169,12 +169,14 @@ class ISTRStage(nn.Module):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.class_branch[-1].bias, -math.log((1 - self.prior_prob) / self.prior_prob))
 
-    def forward(self, features: Sequence[torch.Tensor], boxes: torch.Tensor,
-                queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: Sequence[torch.Tensor], boxes: torch.Tensor, queries: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """attn_mask: optional bool [K, K] for the self-attention, True = query i may not attend to key j."""
         b, k, d = queries.shape
         rois = multiscale_roi_align(features, boxes, self.roi_size, self.strides)  # [B*K, d, S, S]
         roi_tokens = rois.flatten(2).transpose(1, 2)  # [B*K, S*S, d], token = spatial index
-        queries = self.norm1(queries + self.self_attn(queries, queries, queries, need_weights=False)[0])
+        attended = self.self_attn(queries, queries, queries, attn_mask=attn_mask, need_weights=False)[0]
+        queries = self.norm1(queries + attended)
         flat = queries.reshape(b * k, d)
         flat = self.norm2(flat + self.interaction(flat, roi_tokens))
         flat = self.norm3(flat + self.ffn(flat))

@@ -36,6 +36,13 @@ class ISTR(nn.Module):
     `position_embedding` (1e), any codec incl. identity l=784 (1a). v2 options: `mask_head="roi_conv"`
     (28x28 RoIAlign at the new boxes + conv head), `stage_logit_average` (inference logits averaged over
     stages 2..N-1).
+
+    Denoising training (off by default; not in the paper): `denoising_groups` G > 0 adds, in training only,
+    G jittered copies of every ground-truth box as extra queries (DN-DETR's box noise: centre shifted by up to
+    `denoising_box_noise` x half the width/height, width/height scaled by 1 +- that). They run through the
+    same stages in a separate pass (self-attention within each copy only), each supervised by the box it came
+    from, with no matching: the head gets direct class, box and mask-embedding targets from the first step
+    (DiffusionDet trains this head on noised boxes alone). Inference is unchanged.
     """
 
     def __init__(self, backbone: nn.Module, codec: MaskCodec, num_classes: int = 80, *,
@@ -45,6 +52,7 @@ class ISTR(nn.Module):
                  position_embedding: bool = True, mask_head: str = "query_mlp", mask_roi_size: int = 28,
                  mask_dim: int | None = None, stage_logit_average: bool = False, logit_average_from: int = 2,
                  detections_per_image: int = 100, mask_threshold: float | None = None, prior_prob: float = 0.01,
+                 denoising_groups: int = 0, denoising_box_noise: float = 0.4,
                  min_size: int = 800, max_size: int = 1333,
                  train_min_sizes: Sequence[int] | None = DEFAULT_TRAIN_MIN_SIZES, size_divisible: int = 32,
                  pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD) -> None:
@@ -58,6 +66,11 @@ class ISTR(nn.Module):
                             ("hidden_dim", hidden_dim), ("detections_per_image", detections_per_image)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(denoising_groups, int) or isinstance(denoising_groups, bool) or denoising_groups < 0:
+            raise ValueError(f"denoising_groups must be an int >= 0, got {denoising_groups!r}")
+        if not isinstance(denoising_box_noise, (int, float)) or not 0 < denoising_box_noise < 2:
+            raise ValueError(f"denoising_box_noise must be in (0, 2) (a fraction of the box size), "
+                             f"got {denoising_box_noise!r}")
         if image_pool not in ("avg", "max", None):
             raise ValueError(f"image_pool must be 'avg', 'max' or None, got {image_pool!r}")
         if image_pool is None and not position_embedding:
@@ -79,13 +92,17 @@ class ISTR(nn.Module):
             image_pool=image_pool, position_embedding=bool(position_embedding), mask_head=mask_head,
             mask_roi_size=mask_roi_size, stage_logit_average=self.stage_logit_average,
             logit_average_from=self.logit_average_from, detections_per_image=detections_per_image,
-            mask_threshold=mask_threshold, prior_prob=prior_prob, min_size=min_size, max_size=max_size,
+            mask_threshold=mask_threshold, prior_prob=prior_prob, denoising_groups=denoising_groups,
+            denoising_box_noise=float(denoising_box_noise), min_size=min_size, max_size=max_size,
             train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
             pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
 
         # position embeddings: N(0, 1) (nn.Embedding's default); query boxes: normalised cxcywh = whole image
         self.position_embeddings = nn.Parameter(torch.randn(num_queries, hidden_dim)) if position_embedding else None
         self.query_boxes = nn.Parameter(torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(num_queries, 1))
+        self.denoising_groups, self.denoising_box_noise = denoising_groups, float(denoising_box_noise)
+        # the denoising queries' shared initial feature (their boxes say where they are)
+        self.denoising_query = nn.Parameter(torch.randn(hidden_dim)) if denoising_groups else None
         stage = ISTRStage(num_classes, codec.dim, hidden_dim=hidden_dim, dynamic_dim=dynamic_dim, ffn_dim=ffn_dim,
                           num_heads=num_heads, roi_size=roi_size, attention=attention, mask_head=mask_head,
                           mask_roi_size=mask_roi_size, strides=self.strides, prior_prob=prior_prob)
@@ -144,37 +161,93 @@ class ISTR(nn.Module):
         if self.training:
             prepared = self._prepare_targets(targets, original_sizes, sizes)
             keys = ("logits", "boxes", "mask_embeds")
-            return self.criterion([{k: o[k] for k in keys} for o in stage_outputs], prepared, self.codec)
+            strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
+            denoising = self._denoising_pass(features, sizes, prepared) if self.denoising_groups else None
+            if denoising is None:
+                return self.criterion(strip(stage_outputs), prepared, self.codec)
+            return self.criterion(strip(stage_outputs), prepared, self.codec,
+                                  denoising=(strip(denoising[0]), denoising[1]))
         stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
         results = [self._postprocess(stage_outputs, s, features, sizes, original_sizes) for s in stage_ids]
         return results if all_stages else results[0]
 
+    def _pooled(self, features: list[torch.Tensor]) -> torch.Tensor | None:
+        """The image-pool part of the initial queries [B, d] (GAP/GMP per level, summed, not averaged)."""
+        if self.image_pool is None:
+            return None
+        pool = (lambda f: f.mean((2, 3))) if self.image_pool == "avg" else (lambda f: f.amax((2, 3)))
+        return sum(pool(f) for f in features)
+
     def _initial_queries(self, features: list[torch.Tensor]) -> torch.Tensor:
         b = features[0].shape[0]
         queries = features[0].new_zeros((b, self.num_queries, self.hparams["hidden_dim"]))
-        if self.image_pool is not None:
-            pool = (lambda f: f.mean((2, 3))) if self.image_pool == "avg" else (lambda f: f.amax((2, 3)))
-            queries = queries + sum(pool(f) for f in features)[:, None, :]  # GAP per level, summed (not averaged)
+        pooled = self._pooled(features)
+        if pooled is not None:
+            queries = queries + pooled[:, None, :]
         if self.position_embeddings is not None:
             queries = queries + self.position_embeddings[None]
         return queries
 
-    def _run_stages(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
-                    with_masks: bool) -> list[dict[str, torch.Tensor]]:
+    def _run_stages(self, features: list[torch.Tensor], sizes: list[tuple[int, int]], with_masks: bool,
+                    boxes: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+                    attn_mask: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
         """Stage outputs: list of {"logits" [B,K,C], "boxes" [B,K,4] xyxy (resized input), "queries" [B,K,d]}
-        plus "mask_embeds" [B,K,l] when with_masks."""
-        wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
-        boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
-        queries = self._initial_queries(features)
+        plus "mask_embeds" [B,K,l] when with_masks. boxes/queries: initial ones other than the learned queries'
+        (denoising), attn_mask: their self-attention mask."""
+        if boxes is None:
+            wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
+            boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
+        if queries is None:
+            queries = self._initial_queries(features)
         outputs = []
         for stage in self.stages:
-            queries, logits, new_boxes = stage(features, boxes, queries)
+            queries, logits, new_boxes = stage(features, boxes, queries, attn_mask)
             out = {"logits": logits, "boxes": new_boxes, "queries": queries}
             if with_masks:
                 out["mask_embeds"] = stage.mask_embeds(queries, new_boxes, features)
             outputs.append(out)
             boxes = new_boxes.detach()  # boxes are detached between stages; query features are not
         return outputs
+
+    def _denoising_pass(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
+                        targets: list[dict[str, torch.Tensor]]) -> tuple[list[dict], list[tuple]] | None:
+        """Run the stages on G jittered copies of each image's GT boxes -> (stage outputs, fixed assignment as
+        (query index, target index) pairs per image), or None for a batch without boxes.
+
+        Images with fewer boxes than the batch's most are padded with whole-image boxes, which are supervised
+        as background. Copy g of image b occupies queries [g*T, (g+1)*T) and attends only within itself."""
+        groups, counts = self.denoising_groups, [len(t["labels"]) for t in targets]
+        t_max = max(counts)
+        if t_max == 0:
+            return None
+        device, dtype = features[0].device, features[0].dtype
+        boxes = torch.zeros((len(targets), groups, t_max, 4), device=device, dtype=torch.float32)
+        indices = []
+        for b, (t, n, (h, w)) in enumerate(zip(targets, counts, sizes)):
+            boxes[b] = torch.tensor([0.0, 0.0, w, h], device=device)
+            if n:
+                boxes[b, :, :n] = self._jitter(t["boxes"].float().repeat(groups, 1), h, w).view(groups, n, 4)
+            src = (torch.arange(groups)[:, None] * t_max + torch.arange(n)[None]).flatten()
+            indices.append((src, torch.arange(n).repeat(groups)))
+        boxes = boxes.view(len(targets), groups * t_max, 4).to(dtype)
+        pooled = self._pooled(features)
+        queries = self.denoising_query[None, None].expand(len(targets), groups * t_max, -1)
+        if pooled is not None:
+            queries = queries + pooled[:, None, :]
+        copy_id = torch.arange(groups * t_max, device=device) // t_max
+        attn_mask = copy_id[:, None] != copy_id[None, :]
+        return self._run_stages(features, sizes, True, boxes, queries, attn_mask), indices
+
+    def _jitter(self, boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """DN-DETR box noise on xyxy boxes, then clipped to the image (at least 1 px wide and high)."""
+        cxcywh = box_convert(boxes, "xyxy", "cxcywh")
+        noise = (torch.rand_like(cxcywh) * 2 - 1) * self.denoising_box_noise
+        cx, cy, bw, bh = cxcywh.unbind(1)
+        cxcywh = torch.stack([cx + noise[:, 0] * bw / 2, cy + noise[:, 1] * bh / 2,
+                              bw * (1 + noise[:, 2]), bh * (1 + noise[:, 3])], 1)
+        x0, y0, x1, y1 = box_convert(cxcywh, "cxcywh", "xyxy").unbind(1)
+        x0, y0 = x0.clamp(0, w - 1), y0.clamp(0, h - 1)
+        return torch.stack([x0, y0, torch.maximum(x1.clamp(max=w), x0 + 1), torch.maximum(y1.clamp(max=h), y0 + 1)], 1)
 
     # ------------------------------------------------------------------ training targets
     def _check_targets(self, targets: Any, sizes: list[tuple[int, int]]) -> None:
