@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_budget"
+MASK_RCNN = "Mask R-CNN (R18-FPN)"
 
 
 class TorchvisionDetector(nn.Module):
@@ -111,6 +112,10 @@ def _markdown(report: dict[str, Any]) -> str:
               "Both trained by istr.engine.Trainer (AdamW, warmup, grad clip 1.0, h-flip, lr x0.1 at 80% of the "
               "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval).",
               f"ISTR's run: {report.get('istr_run', 'run by this script (run_demo)')}; AP in %."]
+    if report["runs"][MASK_RCNN].get("reused_from"):
+        was = report["runs"][MASK_RCNN]["machine"]
+        lines.append(f"Mask R-CNN's run: reused from {report['runs'][MASK_RCNN]['reused_from']} (same data and "
+                     f"budget; {was['cpu']}, {was['cores']} cores, load average at its start {was.get('load_average_1m')}).")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--istr-metrics", type=Path, default=None,
                         help="reuse a finished demo's metrics.json (its data/ folder is reused too)")
+    parser.add_argument("--maskrcnn-from", type=Path, default=None,
+                        help="reuse the Mask R-CNN run of an earlier train_budget.json (same data, budget and machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -143,11 +150,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     istr_run["parameters"] = istr_report["model"]["parameters"]
     lr, mult = istr_report["train"]["lr"], istr_report["train"].get("backbone_lr_mult", 1.0)
     istr_run["lr"] = f"{lr:g}" + (f" (backbone {lr * mult:g})" if mult != 1.0 else "")
-    mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
-                            args.seed, not args.no_progress)
+    groups = istr_report["model"].get("denoising_groups", 0)
+    istr_name = "ISTR (istr_tiny, PCA-60" + (f", denoising training x{groups})" if groups else ")")
+    if args.maskrcnn_from is not None:
+        earlier = json.loads(args.maskrcnn_from.read_text())
+        if earlier["data"] != istr_report["data"] or earlier["minutes"] != args.minutes:
+            raise ValueError(f"{args.maskrcnn_from} was run on other data or another budget: {earlier['data']}, "
+                             f"{earlier['minutes']} min vs {istr_report['data']}, {args.minutes} min")
+        mrcnn = {**earlier["runs"][MASK_RCNN], "reused_from": str(args.maskrcnn_from), "machine": earlier["machine"]}
+    else:
+        mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
+                                args.seed, not args.no_progress)
     report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine,
               "istr_run": f"reused from {args.istr_metrics}" if args.istr_metrics else "run by this script (run_demo)",
-              "runs": {"ISTR (istr_tiny, PCA-60)": istr_run, "Mask R-CNN (R18-FPN)": mrcnn}}
+              "runs": {istr_name: istr_run, MASK_RCNN: mrcnn}}
     (args.out / "train_budget.json").write_text(json.dumps(report, indent=2))
     (args.out / "train_budget.md").write_text(_markdown(report))
     print(_markdown(report))
