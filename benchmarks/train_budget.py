@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.istr_metrics is not None:
         istr_report = json.loads(args.istr_metrics.read_text())
         data_dir = args.istr_metrics.parent / "data"
+        if args.maskrcnn_from is not None:  # nothing trains here: report the machine the ISTR run had
+            machine = istr_report["machine"]
     else:
         istr_report = run_demo(args.out / "istr", minutes=args.minutes, threads=args.threads, seed=args.seed,
                                progress=not args.no_progress)
