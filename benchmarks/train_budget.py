@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--istr-metrics", type=Path, default=None,
                         help="reuse a finished demo's metrics.json (its data/ folder is reused too)")
     parser.add_argument("--maskrcnn-from", type=Path, default=None,
-                        help="reuse the Mask R-CNN run of an earlier train_budget.json (same data, budget and machine)")
+                        help="reuse the Mask R-CNN run of an earlier train_budget.json (its data and budget must match; "
+                             "its machine is reported, not checked)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -163,10 +163,8 @@ class ISTR(nn.Module):
             keys = ("logits", "boxes", "mask_embeds")
             strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
             denoising = self._denoising_pass(features, sizes, prepared) if self.denoising_groups else None
-            if denoising is None:
-                return self.criterion(strip(stage_outputs), prepared, self.codec)
-            return self.criterion(strip(stage_outputs), prepared, self.codec,
-                                  denoising=(strip(denoising[0]), denoising[1]))
+            extra = {} if denoising is None else {"denoising": (strip(denoising[0]), denoising[1])}
+            return self.criterion(strip(stage_outputs), prepared, self.codec, **extra)
         stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
         results = [self._postprocess(stage_outputs, s, features, sizes, original_sizes) for s in stage_ids]
         return results if all_stages else results[0]
