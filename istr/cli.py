@@ -215,7 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out, minutes=args.minutes, threads=args.threads, seed=args.seed,
                       num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                      max_iters=args.max_iters, progress=not args.no_progress,
+                      max_iters=args.max_iters, device=args.device, pretrained=args.pretrained,
+                      backbone_checkpoint=args.backbone_checkpoint, progress=not args.no_progress,
                       **{k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     print(f"demo written to {args.out}: mask AP {report['metrics']['segm']['AP']:.3f}, "
           f"box AP {report['metrics']['bbox']['AP']:.3f} after {report['iterations']} iterations "
@@ -330,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="override the demo's learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="override the demo's batch size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to train and evaluate, e.g. cuda (default cpu)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", action="store_true",
+                      help="start the ResNet-18 from timm's ImageNet weights (downloads them; default: random)")
+    init.add_argument("--backbone-checkpoint", metavar="PATH",
+                      help="start the ResNet-18 from a local timm-format checkpoint (.pth / .safetensors)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -206,11 +206,14 @@ def _codec_iou(codec, grids: torch.Tensor) -> float:
 def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, threads: int | None = None, seed: int = 0,
              num_train: int | None = None, num_val: int | None = None, image_size: int | None = None,
              max_iters: int | None = None, lr: float | None = None, batch_size: int | None = None,
+             device: str = "cpu", pretrained: bool = False, backbone_checkpoint: str | Path | None = None,
              progress: bool = True, overlays: int = 6) -> dict[str, Any]:
     """Run the whole demo and write out_dir/{report.md, metrics.json, loss_curve.png, overlays/, data/, train/}.
 
     minutes: the training budget (wall clock; data generation, codec fit and evaluation come on top).
-    threads: torch CPU threads (default: every core). Returns the metrics.json content.
+    threads: torch CPU threads (default: every core). device: where to train and evaluate ("cpu", "cuda", ...).
+    The backbone starts from random weights unless `pretrained` (timm's ImageNet weights: needs the network) or
+    `backbone_checkpoint` (a local timm-format ResNet-18 file) is given. Returns the metrics.json content.
     """
     from istr.data import make_synthetic_coco
     from istr.engine.evaluate import evaluate
@@ -219,6 +222,10 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
 
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
+    if backbone_checkpoint is not None and not Path(backbone_checkpoint).is_file():
+        raise FileNotFoundError(f"no backbone checkpoint at {backbone_checkpoint}")
+    if pretrained and backbone_checkpoint is not None:
+        raise ValueError("pass either pretrained=True (timm's ImageNet weights) or backbone_checkpoint, not both")
     torch.set_num_threads(threads or os.cpu_count() or 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,19 +254,23 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
 
     train_cfg = {**DEMO_TRAIN, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None}}
     model_cfg = {**DEMO_MODEL, "min_size": data_cfg["image_size"], "max_size": data_cfg["image_size"]}
+    if pretrained:
+        model_cfg["pretrained"] = True
+    if backbone_checkpoint is not None:
+        model_cfg["checkpoint_path"] = str(backbone_checkpoint)
     model, train_set, val_set = build_demo_model(data_dir, codec, model_cfg, train_cfg["flip"], seed)
     cfg = TrainConfig(lr=train_cfg["lr"], backbone_lr_mult=train_cfg["backbone_lr_mult"],
                       batch_size=train_cfg["batch_size"], max_iters=max_iters,
                       max_minutes=minutes, warmup_iters=train_cfg["warmup_iters"], milestones=(),
                       gamma=train_cfg["gamma"], clip_grad_norm=train_cfg["clip_grad_norm"], seed=seed,
-                      checkpoint_every=0, log_every=10, progress=progress, device="cpu", eval_at_end=False)
+                      checkpoint_every=0, log_every=10, progress=progress, device=device, eval_at_end=False)
     calibration = max(1, min(20, max_iters - 1)) if max_iters else 20
     trainer = Trainer(model, train_set, cfg, out_dir=out / "train",
                       callbacks=[fit_schedule_to_budget(calibration, train_cfg["decay_at"])])
     result = trainer.train()
     t_train = time.perf_counter()
 
-    metrics = evaluate(model, val_set, progress=False)
+    metrics = evaluate(model, val_set, device=device, progress=False)
     t_eval = time.perf_counter()
     plot_loss_curve(out / "train" / "log.jsonl", out / "loss_curve.png")
     overlay_paths = _overlays(model, val_set, out / "overlays", overlays, score_threshold=0.4)
@@ -274,7 +285,7 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
         "budget_minutes": minutes, "max_iters_requested": max_iters, "codec_reconstruction_iou": codec_iou,
         "data": data_cfg, "model": {"preset": "istr_tiny", **model_cfg,
                                      "parameters": sum(p.numel() for p in model.parameters())},
-        "train": {**train_cfg, "milestones": list(cfg.milestones), "warmup_factor": cfg.warmup_factor,
+        "train": {**train_cfg, "device": device, "milestones": list(cfg.milestones), "warmup_factor": cfg.warmup_factor,
                   "weight_decay": cfg.weight_decay, "seed": seed},
         "machine": {**machine, "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "files": {"model": result.model_path, "log": str(out / "train" / "log.jsonl"), "overlays": overlay_paths},
@@ -288,6 +299,14 @@ def _stop_text(r: dict[str, Any]) -> str:
     if r["stop_reason"] == "time_budget":
         return "stopped when the budget ran out"
     return "stopped at the requested --max-iters"
+
+
+def _init_text(r: dict[str, Any]) -> str:
+    if r["model"].get("checkpoint_path"):
+        return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (the head from random initialisation)"
+    if r["model"].get("pretrained"):
+        return "timm's ImageNet ResNet-18 weights (the head from random initialisation)"
+    return "random initialisation"
 
 
 def _denoising_text(r: dict[str, Any]) -> str:
@@ -308,7 +327,7 @@ def _report_md(r: dict[str, Any]) -> str:
     return f"""# istr CPU demo
 
 ISTR (`istr_tiny`: ResNet-18 FPN, {r['model']['num_queries']} queries, 3 stages, PCA-60 codec on 28x28 masks,
-{r['model']['parameters'] / 1e6:.1f} M parameters) trained from random initialisation{_denoising_text(r)} on the synthetic shapes
+{r['model']['parameters'] / 1e6:.1f} M parameters) trained from {_init_text(r)}{_denoising_text(r)} on the synthetic shapes
 dataset (`istr.data.make_synthetic_coco`: {r['data']['num_train']} training / {r['data']['num_val']} validation
 images of {r['data']['image_size']} px, 8 shape classes), evaluated with pycocotools COCOeval on the validation images.
 

@@ -99,3 +99,30 @@ def test_demo_end_to_end_small(tmp_path):
     assert metrics["model"]["denoising_groups"] == 2 and "denoising training (2 jittered copies" in report
     assert (out / "loss_curve.png").stat().st_size > 5000
     assert len(list((out / "overlays").glob("*.png"))) == 3
+
+
+def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
+    import timm
+    import torch
+
+    import istr
+
+    torch.manual_seed(123)
+    ckpt = tmp_path / "resnet18_mine.pth"
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), ckpt)  # a classifier's checkpoint
+    args = ["--threads", "1", "demo", "--minutes", "1", "--max-iters", "1", "--num-train", "8", "--num-val", "2",
+            "--image-size", "64", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:  # a missing file fails before any data is generated
+        main([*args, "--out", str(tmp_path / "no"), "--backbone-checkpoint", str(tmp_path / "missing.pth")])
+    assert exit_info.value.code == 2 and "missing.pth" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+    out = tmp_path / "demo"
+    assert main([*args, "--out", str(out), "--backbone-checkpoint", str(ckpt)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["checkpoint_path"] == str(ckpt)
+    assert f"the backbone checkpoint `{ckpt}`" in (out / "report.md").read_text()
+    # the trained backbone is the checkpoint after one small AdamW step, not a fresh random initialisation
+    trained = istr.load_model(out / "train" / "model.safetensors").backbone.body.conv1.weight
+    start = torch.load(ckpt)["conv1.weight"]
+    assert (trained - start).abs().max() < 1e-2 < (trained - torch.randn_like(start) * start.std()).abs().max()
