@@ -204,7 +204,15 @@ def dense_probe(lr: float, args: argparse.Namespace) -> dict[str, Any]:
             fg_hits.append(float((pred[fg] == sem[fg]).float().mean()))
             bg_hits.append(float((pred[~fg] == 0).float().mean()))
     last = lambda v: round(sum(v[-25:]) / len(v[-25:]), 3)  # noqa: E731
-    return {"lr": lr, "iters": args.iters, "batch": args.batch, "foreground_class_accuracy_last_25": last(fg_hits),
+    saved = None
+    if args.save:  # the trunk in timm's format: `istr demo --backbone-checkpoint FILE` starts from it
+        saved = Path(args.save)
+        if len(args.dense_probe) > 1:  # one file per lr
+            saved = saved.with_stem(f"{saved.stem}_lr{lr:g}")
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(backbone.body.state_dict(), saved)
+    return {"lr": lr, "iters": args.iters, "batch": args.batch, "saved": str(saved) if saved else None,
+            "foreground_class_accuracy_last_25": last(fg_hits),
             "background_accuracy_last_25": last(bg_hits), "seconds": round(time.perf_counter() - t0, 1),
             "backbone": {"name": backbone.name, "timm_kwargs": backbone.timm_kwargs}}
 
@@ -227,6 +235,7 @@ def main() -> None:
     p.add_argument("--dense-probe", type=float, nargs="*", default=None, metavar="LR",
                    help="dense (semantic segmentation) backbone probe at these lrs (see dense_probe())")
     p.add_argument("--batch", type=int, default=16, help="batch size of --dense-probe")
+    p.add_argument("--save", metavar="FILE", help="--dense-probe: write the trained trunk here (timm format, .pth)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
