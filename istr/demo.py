@@ -301,6 +301,11 @@ def _stop_text(r: dict[str, Any]) -> str:
     return "stopped at the requested --max-iters"
 
 
+def _device_text(r: dict[str, Any]) -> str:
+    device, gpu = r["train"]["device"], r["machine"].get("cuda")
+    return f"{device} ({gpu})" if gpu and device != "cpu" else device
+
+
 def _init_text(r: dict[str, Any]) -> str:
     if r["model"].get("checkpoint_path"):
         return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (the head from random initialisation)"
@@ -346,6 +351,7 @@ PCA codec reconstruction IoU (upper bound on mask quality): {r['codec_reconstruc
 |---|---|
 | training time | {r['train_seconds']:.0f} s (budget {r['budget_minutes']:g} min; {_stop_text(r)}) |
 | iterations | {r['iterations']} (batch {r['train']['batch_size']}, {r['images_seen']} images seen) |
+| device | {_device_text(r)} |
 | optimizer | AdamW lr {r['train']['lr']:g} (backbone x{r['train']['backbone_lr_mult']:g}), weight decay {r['train']['weight_decay']:g}, warmup {r['train']['warmup_iters']} iters, lr x{r['train']['gamma']:g} at {r['train']['milestones']}, grad clip {r['train']['clip_grad_norm']} |
 | evaluation time | {r['eval_seconds']:.0f} s |
 | data generation, codec fit | {r['data_seconds']:.0f} s, {r['codec_seconds']:.0f} s |

@@ -96,6 +96,7 @@ def test_demo_end_to_end_small(tmp_path):
     assert metrics["iterations"] == 3 and 0 <= metrics["metrics"]["segm"]["AP"] <= 1
     report = (out / "report.md").read_text()
     assert "| mask (segm) |" in report and "training time" in report and metrics["machine"]["cpu"] in report
+    assert "| device | cpu |" in report
     assert metrics["model"]["denoising_groups"] == 2 and "denoising training (2 jittered copies" in report
     assert (out / "loss_curve.png").stat().st_size > 5000
     assert len(list((out / "overlays").glob("*.png"))) == 3
