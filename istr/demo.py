@@ -308,9 +308,9 @@ def _device_text(r: dict[str, Any]) -> str:
 
 def _init_text(r: dict[str, Any]) -> str:
     if r["model"].get("checkpoint_path"):
-        return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (the head from random initialisation)"
+        return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (FPN and head from random initialisation)"
     if r["model"].get("pretrained"):
-        return "timm's ImageNet ResNet-18 weights (the head from random initialisation)"
+        return "timm's ImageNet ResNet-18 weights (FPN and head from random initialisation)"
     return "random initialisation"
 
 
