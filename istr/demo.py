@@ -25,6 +25,9 @@ __all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "DEMO_CODEC", "fit_demo_code
 # boxes as extra training queries, ISTR(denoising_groups=2); not in the paper, inference unchanged) gives the head
 # direct targets from the first step: in two 10-minute runs it reached mask / box AP 0.37 / 1.68% and 0.11 / 0.98%,
 # against 0.05 / 0.74% and 0.04 / 0.82% without it (~570 instead of ~760 iterations: ~1.05 s a step, not ~0.79 s).
+# The from-scratch backbone is the first bottleneck: started from a trunk trained 21 more CPU minutes as a semantic
+# segmenter (`convergence.py --dense-probe ... --save`, `run_demo(backbone_checkpoint=...)`), the same 10 minutes gave
+# mask / box AP 1.63 / 4.62%, though the mask-embedding loss still had hardly moved (convergence_cpu.md).
 DEMO_DATA: dict[str, Any] = dict(num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8)
 DEMO_MODEL: dict[str, Any] = dict(num_queries=20, min_size=128, max_size=128, train_min_sizes=None,
                                   detections_per_image=50, denoising_groups=2)
