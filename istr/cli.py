@@ -111,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from istr import create_model, load_codec
     from istr.engine.checkpoint import latest_checkpoint
+    from istr.engine.distributed import cleanup_distributed
     from istr.engine.fit_codec import coco_mask_grids
     from istr.engine.train import TrainConfig, Trainer
 
@@ -155,6 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"model: {result.model_path}")
         if result.metrics:
             _print_metrics(result.metrics)
+    cleanup_distributed()  # under torchrun: every rank leaves the process group together, before exit
     return 0
 
 

@@ -78,8 +78,13 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
 
 
 def cleanup_distributed() -> None:
-    """Destroy the default process group if one is active."""
+    """Destroy the default process group if one is active, after a barrier: every rank tears down together.
+
+    Without the barrier a rank that finishes first destroys its gloo pairs while another rank still uses them
+    (e.g. rank 0 saving files), which can abort a process at exit with "terminate called without an active exception".
+    """
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
 
 
