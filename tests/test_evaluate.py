@@ -160,14 +160,16 @@ def test_evaluate_with_oracle_model(synth_val, tmp_path):
 def _distributed_worker(rank: int, world: int, store: str, images: str, ann: str, out: str) -> None:
     import torch.distributed as dist
 
+    from istr.engine.distributed import cleanup_distributed
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         dataset = CocoInstances(images, ann, include_empty=True)
         subset = torch.utils.data.Subset(dataset, [0, 1, 2, 3, 5])  # 5 images on 2 ranks: the sampler pads one
         metrics = evaluate(OracleModel(dataset), subset, progress=False, results_path=f"{out}/results.json")
         torch.save(metrics, f"{out}/metrics{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    finally:  # the ranks leave together (barrier); if one raised, start_processes stops the other
+        cleanup_distributed()
 
 
 def test_evaluate_under_torch_distributed(synth_val, tmp_path):
