@@ -143,3 +143,79 @@ def test_bad_inputs_raise():
         paste_masks(torch.zeros(2, 8, 9), torch.zeros(2, 4), (10, 10))
     with pytest.raises(ValueError, match=r"boxes must be \[2, 4\]"):
         paste_masks(torch.zeros(2, 8, 8), torch.zeros(2, 5), (10, 10))
+
+
+# ------------------------------------------------------------------------------------------ RoIAlign, ELU
+def _torchvision_multiscale(features, boxes, output_size, strides):
+    """The reference: torchvision roi_align (aligned=True, sampling_ratio 2) level by level."""
+    from torchvision.ops import roi_align
+
+    from istr.ops.roi_align import fpn_levels
+
+    b, k = boxes.shape[:2]
+    flat = boxes.reshape(-1, 4)
+    levels = fpn_levels(flat, strides)
+    rois = torch.cat([torch.arange(b).repeat_interleave(k)[:, None].float(), flat], 1)
+    out = features[0].new_zeros((b * k, features[0].shape[1], output_size, output_size))
+    for level, (feat, stride) in enumerate(zip(features, strides)):
+        idx = torch.nonzero(levels == level).squeeze(1)
+        out[idx] = roi_align(feat, rois[idx], output_size, 1.0 / stride, 2, aligned=True)
+    return out
+
+
+@pytest.mark.parametrize("size,output_size", [((128, 96), 7), ((64, 64), 28), ((37, 53), 7)])
+def test_multiscale_roi_align_equals_torchvision_values_and_gradients(size, output_size):
+    """Boxes inside, across and far outside the maps, sub-pixel and image-sized, on every level."""
+    from istr.ops.roi_align import PyramidTable, multiscale_roi_align
+
+    torch.manual_seed(0)
+    strides = (4, 8, 16, 32)
+    h, w = size
+    feats = [torch.randn(3, 5, -(-h // s), -(-w // s), dtype=torch.float64, requires_grad=True) for s in strides]
+    xy = torch.rand(3, 40, 2, dtype=torch.float64) * torch.tensor([w + 40.0, h + 40.0], dtype=torch.float64) - 20
+    wh = torch.rand(3, 40, 2, dtype=torch.float64) ** 3 * 2 * max(h, w) + 0.01
+    boxes = torch.cat([xy, xy + wh], -1)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, w, h])  # the whole image
+    boxes[0, 1] = torch.tensor([-500.0, -500.0, -400.0, -400.0])  # nowhere near the image: zeros
+    boxes[0, 2] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width
+    want = _torchvision_multiscale(feats, boxes, output_size, strides)
+    got = multiscale_roi_align(PyramidTable(feats, strides), boxes, output_size, strides)
+    assert got.shape == want.shape == (120, 5, output_size, output_size)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    tokens = multiscale_roi_align(feats, boxes, output_size, strides, tokens=True)
+    torch.testing.assert_close(tokens, want.flatten(2).transpose(1, 2), rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(want)
+    g_want = torch.autograd.grad(want, feats, grad, allow_unused=True)
+    g_got = torch.autograd.grad(got, feats, grad, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-9, atol=1e-9)
+    boxes.requires_grad_(True)  # like torchvision: no gradient to the boxes
+    assert not multiscale_roi_align(feats, boxes, 7, strides).requires_grad or \
+        torch.autograd.grad(multiscale_roi_align(feats, boxes, 7, strides).sum(), boxes, allow_unused=True)[0] is None
+
+
+def test_multiscale_roi_align_single_level_and_float32_rounding():
+    from istr.ops.roi_align import multiscale_roi_align
+
+    torch.manual_seed(1)
+    feats = [torch.randn(2, 16, 32, 40)]
+    boxes = torch.rand(2, 30, 4) * 100
+    boxes[..., 2:] += boxes[..., :2]
+    got = multiscale_roi_align(feats, boxes, 7, strides=(4,))
+    want = _torchvision_multiscale(feats, boxes, 7, (4,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature maps hold"):
+        multiscale_roi_align(feats, boxes[:1], 7, strides=(4,))
+
+
+def test_elu_equals_torch_elu_values_and_gradients():
+    import torch.nn.functional as F
+
+    from istr.ops.activations import elu
+
+    x = torch.cat([torch.linspace(-30, 30, 10001), torch.tensor([0.0, -0.0, 1e-8, -1e-8, -1e-30])])
+    torch.testing.assert_close(elu(x), F.elu(x), rtol=0, atol=2e-7)
+    x64 = (torch.randn(200, dtype=torch.float64) * 3).requires_grad_(True)
+    assert torch.autograd.gradcheck(elu, (x64,))
+    g = torch.randn(200, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(elu(x64), x64, g)[0], torch.autograd.grad(F.elu(x64), x64, g)[0])
