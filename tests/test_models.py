@@ -7,6 +7,8 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+from istr.ops.roi_align import PyramidTable
+
 import istr
 from istr.codecs import NotFittedError
 from istr.models import ISTR, Backbone, ImageTransform, ISTRStage, apply_box_deltas, create_model, list_models, multiscale_roi_align
@@ -132,7 +134,7 @@ def test_boxes_detached_between_stages_queries_not():
     images, _ = make_batch()
     batch, sizes = model.transform(images)
     feats = model.backbone(batch)
-    outs = model._run_stages(feats, sizes, with_masks=True)
+    outs, _ = model._run_stages(feats, PyramidTable(feats, model.strides), sizes, with_masks=True)
     outs[1]["boxes"].sum().backward(retain_graph=True)
     assert model.stages[0].box_branch[-1].weight.grad is None  # no path through stage 1's input boxes
     assert model.stages[0].ffn[0].weight.grad.abs().sum() > 0  # query features flow on
@@ -180,7 +182,8 @@ def test_stage_logit_average_changes_scores_only():
         model.stage_logit_average = True
         averaged = model(images)
         batch, sizes = model.transform(images)
-        outs = model._run_stages(model.backbone(batch), sizes, with_masks=False)
+        feats = model.backbone(batch)
+        outs, _ = model._run_stages(feats, PyramidTable(feats, model.strides), sizes, with_masks=False)
     expected = torch.stack([o["logits"] for o in outs[2:]]).mean(0).sigmoid().flatten(1).topk(10).values
     assert torch.allclose(averaged[0]["scores"], expected[0])
     assert not torch.allclose(last[0]["scores"], averaged[0]["scores"])

@@ -223,9 +223,10 @@ class Trainer:
         groups = [{"params": rest, "lr": cfg.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
-        # weight decay on every parameter, norms and biases included (as the reference code)
+        # weight decay on every parameter, norms and biases included (as the reference code). fused: one kernel
+        # for all parameters instead of a dozen small ops per tensor (torch >= 2.4 on CPU too; same update rule)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, fused=_fused_adamw_supported(self.device))
 
     @property
     def checkpoint_root(self) -> Path:
@@ -473,6 +474,13 @@ class Trainer:
         if self.is_main:
             (self.out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2, default=str))
         return result
+
+
+def _fused_adamw_supported(device: torch.device) -> bool:
+    """Whether torch's fused AdamW kernel exists for this device (CPU since torch 2.4; CUDA; not MPS before 2.5)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def _ckpt_iter(path: Path | None) -> str:

@@ -5,40 +5,16 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
+
+from istr.ops.activations import ELU, elu
+from istr.ops.roi_align import PyramidTable, multiscale_roi_align
 
 __all__ = ["ISTRStage", "DynamicInteraction", "RoICrossAttention", "multiscale_roi_align", "apply_box_deltas",
            "BOX_DELTA_WEIGHTS", "BOX_DELTA_CLAMP"]
 
 BOX_DELTA_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
 BOX_DELTA_CLAMP = math.log(100000.0 / 16)
-
-
-def multiscale_roi_align(features: Sequence[torch.Tensor], boxes: torch.Tensor, output_size: int,
-                         strides: Sequence[int] = (4, 8, 16, 32), sampling_ratio: int = 2) -> torch.Tensor:
-    """RoIAlign each box on one pyramid level chosen by its size (FPN rule, canonical 224 px at stride 16).
-
-    features: maps [B, C, H/s, W/s] for s in strides; boxes: [B, K, 4] absolute xyxy of the padded input.
-    Returns [B*K, C, S, S]. roi_align is aligned=True (detectron2 ROIAlignV2); torchvision's MultiScaleRoIAlign
-    is not used because it hard-codes aligned=False. torchvision's roi_align gives no gradient to the boxes.
-    """
-    b, k = boxes.shape[:2]
-    flat = boxes.reshape(-1, 4).detach()
-    index = torch.arange(b, device=boxes.device, dtype=flat.dtype).repeat_interleave(k)
-    rois = torch.cat([index[:, None], flat], dim=1)
-    if len(features) == 1:
-        return roi_align(features[0], rois, output_size, 1.0 / strides[0], sampling_ratio, aligned=True)
-    area = ((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1])).clamp_min(0)
-    lo, hi = math.log2(strides[0]), math.log2(strides[-1])
-    levels = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(lo, hi) - lo
-    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], output_size, output_size))
-    for level, (feat, stride) in enumerate(zip(features, strides)):
-        idx = torch.nonzero(levels == level).squeeze(1)
-        if idx.numel():
-            out[idx] = roi_align(feat, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned=True)
-    return out
 
 
 def apply_box_deltas(deltas: torch.Tensor, boxes: torch.Tensor, weights: Sequence[float] = BOX_DELTA_WEIGHTS,
@@ -61,7 +37,7 @@ def _mlp_branch(dim: int, out_dim: int, depth: int = 3) -> nn.Sequential:
     """depth x [Linear(dim, dim, bias=False), LayerNorm, ELU] then Linear(dim, out_dim)."""
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ELU(inplace=True)]
+        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), ELU()]
     layers.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*layers)
 
@@ -85,10 +61,9 @@ class DynamicInteraction(nn.Module):
         split = self.dim * self.dynamic_dim
         w1 = params[:, :split].view(-1, self.dim, self.dynamic_dim)  # [N, d, dd]
         w2 = params[:, split:].view(-1, self.dynamic_dim, self.dim)  # [N, dd, d]
-        # in-place ELUs: these [N, 49, d] tensors are the largest activations of a stage (memory-bound ops)
-        x = F.elu(self.norm1(torch.bmm(roi_tokens, w1)), inplace=True)  # [N, S*S, dd]
-        x = F.elu(self.norm2(torch.bmm(x, w2)), inplace=True)  # [N, S*S, d]
-        return F.elu(self.norm3(self.out(x.flatten(1))), inplace=True)  # flatten spatial-major: index = s*d + c
+        x = elu(self.norm1(torch.bmm(roi_tokens, w1)))  # [N, S*S, dd]
+        x = elu(self.norm2(torch.bmm(x, w2)))  # [N, S*S, d]
+        return elu(self.norm3(self.out(x.flatten(1))))  # flatten spatial-major: index = s*d + c
 
 
 class RoICrossAttention(nn.Module):
@@ -118,8 +93,8 @@ class RoIConvMaskHead(nn.Module):
             raise ValueError(f"mask_roi_size must be a multiple of 4 (two stride-2 convs), got {roi_size}")
         channels = channels or in_channels
         self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), nn.ELU(inplace=True),
-            nn.Conv2d(channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), nn.ELU(inplace=True),
+            nn.Conv2d(in_channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), ELU(),
+            nn.Conv2d(channels, channels, 4, 2, 1), nn.BatchNorm2d(channels), ELU(),
             nn.Conv2d(channels, out_dim, roi_size // 4))
 
     def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
@@ -152,7 +127,7 @@ class ISTRStage(nn.Module):
         self.interaction = (DynamicInteraction(hidden_dim, dynamic_dim, roi_size) if attention == "dynamic"
                             else RoICrossAttention(hidden_dim, num_heads))
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.ffn = nn.Sequential(nn.Linear(hidden_dim, ffn_dim), nn.ELU(inplace=True), nn.Linear(ffn_dim, hidden_dim))
+        self.ffn = nn.Sequential(nn.Linear(hidden_dim, ffn_dim), ELU(), nn.Linear(ffn_dim, hidden_dim))
         self.norm3 = nn.LayerNorm(hidden_dim)
         self.class_branch = _mlp_branch(hidden_dim, num_classes)
         self.box_branch = _mlp_branch(hidden_dim, 4)
@@ -169,12 +144,13 @@ class ISTRStage(nn.Module):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.class_branch[-1].bias, -math.log((1 - self.prior_prob) / self.prior_prob))
 
-    def forward(self, features: Sequence[torch.Tensor], boxes: torch.Tensor, queries: torch.Tensor,
+    def forward(self, features: Sequence[torch.Tensor] | PyramidTable, boxes: torch.Tensor, queries: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """attn_mask: optional bool [K, K] for the self-attention, True = query i may not attend to key j."""
+        """features: the pyramid maps (or a PyramidTable of them, built once for all stages); attn_mask: optional
+        bool [K, K] for the self-attention, True = query i may not attend to key j."""
         b, k, d = queries.shape
-        rois = multiscale_roi_align(features, boxes, self.roi_size, self.strides)  # [B*K, d, S, S]
-        roi_tokens = rois.flatten(2).transpose(1, 2)  # [B*K, S*S, d], token = spatial index
+        # [B*K, S*S, d], token = spatial index
+        roi_tokens = multiscale_roi_align(features, boxes, self.roi_size, self.strides, tokens=True)
         attended = self.self_attn(queries, queries, queries, attn_mask=attn_mask, need_weights=False)[0]
         queries = self.norm1(queries + attended)
         flat = queries.reshape(b * k, d)
@@ -185,7 +161,8 @@ class ISTRStage(nn.Module):
         new_boxes = apply_box_deltas(self.box_branch(queries), boxes)
         return queries, logits, new_boxes
 
-    def mask_embeds(self, queries: torch.Tensor, boxes: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def mask_embeds(self, queries: torch.Tensor, boxes: torch.Tensor,
+                    features: Sequence[torch.Tensor] | PyramidTable) -> torch.Tensor:
         """queries [B, n, d], this stage's new boxes [B, n, 4] -> mask embeddings [B, n, l]."""
         if self.mask_head_kind == "query_mlp":
             return self.mask_branch(queries)

@@ -12,6 +12,7 @@ from istr.codecs.base import MaskCodec, NotFittedError
 from istr.models.head import ISTRStage
 from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
 from istr.ops import crop_masks, paste_masks
+from istr.ops.roi_align import PyramidTable
 
 __all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
 
@@ -157,17 +158,19 @@ class ISTR(nn.Module):
         features = self.backbone(batch)
         if len(features) != len(self.strides):
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected {len(self.strides)}")
-        stage_outputs = self._run_stages(features, sizes, with_masks=self.training)
-        if self.training:
-            prepared = self._prepare_targets(targets, original_sizes, sizes)
-            keys = ("logits", "boxes", "mask_embeds")
-            strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
-            denoising = self._denoising_pass(features, sizes, prepared) if self.denoising_groups else None
-            extra = {} if denoising is None else {"denoising": (strip(denoising[0]), denoising[1])}
-            return self.criterion(strip(stage_outputs), prepared, self.codec, **extra)
-        stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
-        results = [self._postprocess(stage_outputs, s, features, sizes, original_sizes) for s in stage_ids]
-        return results if all_stages else results[0]
+        table = PyramidTable(features, self.strides)  # the RoIAlign source of every stage, built once
+        if not self.training:
+            stage_outputs, _ = self._run_stages(features, table, sizes, with_masks=False)
+            stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
+            results = [self._postprocess(stage_outputs, s, table, sizes, original_sizes) for s in stage_ids]
+            return results if all_stages else results[0]
+        prepared = self._prepare_targets(targets, original_sizes, sizes)
+        denoising = self._denoising_queries(features, sizes, prepared) if self.denoising_groups else None
+        stage_outputs, dn_outputs = self._run_stages(features, table, sizes, True, denoising)
+        keys = ("logits", "boxes", "mask_embeds")
+        strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
+        extra = {} if denoising is None else {"denoising": (strip(dn_outputs), denoising[2])}
+        return self.criterion(strip(stage_outputs), prepared, self.codec, **extra)
 
     def _pooled(self, features: list[torch.Tensor]) -> torch.Tensor | None:
         """The image-pool part of the initial queries [B, d] (GAP/GMP per level, summed, not averaged)."""
@@ -186,34 +189,46 @@ class ISTR(nn.Module):
             queries = queries + self.position_embeddings[None]
         return queries
 
-    def _run_stages(self, features: list[torch.Tensor], sizes: list[tuple[int, int]], with_masks: bool,
-                    boxes: torch.Tensor | None = None, queries: torch.Tensor | None = None,
-                    attn_mask: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    def _run_stages(self, features: list[torch.Tensor], table: PyramidTable, sizes: list[tuple[int, int]],
+                    with_masks: bool, denoising: tuple[torch.Tensor, torch.Tensor, list] | None = None) -> Any:
         """Stage outputs: list of {"logits" [B,K,C], "boxes" [B,K,4] xyxy (resized input), "queries" [B,K,d]}
-        plus "mask_embeds" [B,K,l] when with_masks. boxes/queries: initial ones other than the learned queries'
-        (denoising), attn_mask: their self-attention mask."""
-        if boxes is None:
-            wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
-            boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
-        if queries is None:
-            queries = self._initial_queries(features)
+        plus "mask_embeds" [B,K,l] when with_masks.
+
+        denoising: (boxes [B, D, 4], queries [B, D, d], assignment) of denoising queries (_denoising_queries).
+        They run in the same pass, after the K learned queries, under a block-diagonal self-attention mask (the
+        learned queries and each jittered copy attend only within themselves; DN-DETR's single pass), so the
+        learned queries' outputs are those of a pass without them. Returns (outputs, denoising outputs or None).
+        """
+        wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
+        boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
+        queries, attn_mask, k = self._initial_queries(features), None, self.num_queries
+        if denoising is not None:
+            dn_boxes, dn_queries = denoising[:2]
+            boxes, queries = torch.cat([boxes, dn_boxes], 1), torch.cat([queries, dn_queries], 1)
+            t_max = dn_boxes.shape[1] // self.denoising_groups
+            block = torch.cat([torch.zeros(k, dtype=torch.long), 1 + torch.arange(dn_boxes.shape[1]) // t_max])
+            attn_mask = (block[:, None] != block[None, :]).to(boxes.device)
         outputs = []
         for stage in self.stages:
-            queries, logits, new_boxes = stage(features, boxes, queries, attn_mask)
+            queries, logits, new_boxes = stage(table, boxes, queries, attn_mask)
             out = {"logits": logits, "boxes": new_boxes, "queries": queries}
             if with_masks:
-                out["mask_embeds"] = stage.mask_embeds(queries, new_boxes, features)
+                out["mask_embeds"] = stage.mask_embeds(queries, new_boxes, table)
             outputs.append(out)
             boxes = new_boxes.detach()  # boxes are detached between stages; query features are not
-        return outputs
+        if denoising is None:
+            return outputs, None
+        split = lambda part: [{key: v[:, part] for key, v in o.items()} for o in outputs]  # noqa: E731
+        return split(slice(0, k)), split(slice(k, None))
 
-    def _denoising_pass(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
-                        targets: list[dict[str, torch.Tensor]]) -> tuple[list[dict], list[tuple]] | None:
-        """Run the stages on G jittered copies of each image's GT boxes -> (stage outputs, fixed assignment as
-        (query index, target index) pairs per image), or None for a batch without boxes.
+    def _denoising_queries(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
+                           targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+        """G jittered copies of each image's GT boxes as extra queries -> (boxes [B, G*T, 4], initial query
+        features [B, G*T, d], fixed assignment as (query index, target index) pairs per image, query index
+        counted from the first denoising query), or None for a batch without boxes.
 
-        Images with fewer boxes than the batch's most are padded with whole-image boxes, which are supervised
-        as background. Copy g of image b occupies queries [g*T, (g+1)*T) and attends only within itself."""
+        Images with fewer boxes than the batch's most (T) are padded with whole-image boxes, which are supervised
+        as background. Copy g of image b occupies denoising queries [g*T, (g+1)*T)."""
         groups, counts = self.denoising_groups, [len(t["labels"]) for t in targets]
         t_max = max(counts)
         if t_max == 0:
@@ -232,9 +247,7 @@ class ISTR(nn.Module):
         queries = self.denoising_query[None, None].expand(len(targets), groups * t_max, -1)
         if pooled is not None:
             queries = queries + pooled[:, None, :]
-        copy_id = torch.arange(groups * t_max, device=device) // t_max
-        attn_mask = copy_id[:, None] != copy_id[None, :]
-        return self._run_stages(features, sizes, True, boxes, queries, attn_mask), indices
+        return boxes, queries, indices
 
     def _jitter(self, boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """DN-DETR box noise on xyxy boxes, then clipped to the image (at least 1 px wide and high)."""
@@ -289,7 +302,7 @@ class ISTR(nn.Module):
         return prepared
 
     # ------------------------------------------------------------------ inference
-    def _postprocess(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int, features: list[torch.Tensor],
+    def _postprocess(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int, table: PyramidTable,
                      sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         out = stage_outputs[stage_id]
         logits = out["logits"]
@@ -303,7 +316,7 @@ class ISTR(nn.Module):
         gather = lambda x: torch.gather(x, 1, query[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes, queries = gather(out["boxes"]), gather(out["queries"])
         # only the kept detections run the mask branch (duplicated queries are cheap: at most `top` rows)
-        embeds = self.stages[stage_id].mask_embeds(queries, boxes, features)
+        embeds = self.stages[stage_id].mask_embeds(queries, boxes, table)
         grids = self.codec.decode(embeds.reshape(b * top, -1).float()).view(b, top, *([self.codec.mask_size] * 2))
         results = []
         for i, (size, (h, w)) in enumerate(zip(sizes, original_sizes)):
