@@ -1,0 +1,342 @@
+"""Deformable DETR transformer (single stage, no box refinement) as ISDA uses it: MSDA, sine positions, layers."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from istr.ops.deform_attn import SpatialShapes, ms_deform_attn, spatial_shapes_list
+
+__all__ = ["DeformableDecoderLayer", "DeformableEncoderLayer", "DeformableTransformer",
+           "MultiScaleDeformableAttention", "encoder_reference_points", "level_masks", "sine_position_encoding",
+           "valid_ratios"]
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """MSDA (Deformable DETR): each query attends to n_points sampled points per head and level around its
+    reference point; offsets and weights are linear in the query, weights softmax-normalised over levels x points.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: head m's points on a ray at angle 2*pi*m/M (the larger of |cos|, |sin| scaled
+        to 1), point i at distance i+1 px, same at every level; uniform attention; xavier projections."""
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True).values  # [M, 2]
+        scale = torch.arange(1, p + 1, dtype=torch.float64)
+        bias = direction[:, None, None, :] * scale[None, None, :, None]  # [M, 1, P, 2]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.expand(m, lv, p, 2).reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def sample_points(self, query: torch.Tensor, reference_points: torch.Tensor,
+                      spatial_shapes: SpatialShapes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where and how much each query looks: query [N, Lq, C], reference_points [N, Lq, L, 2] normalised (x, y).
+
+        Returns sampling_locations [N, Lq, M, L, P, 2] normalised (x, y) = ref + offset / (W_l, H_l) and
+        attention_weights [N, Lq, M, L, P] (sum to 1 over L, P for each head).
+        """
+        shapes = spatial_shapes_list(spatial_shapes)
+        n, lq, _ = query.shape
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        if reference_points.shape != (n, lq, lv, 2):
+            raise ValueError(f"reference_points: expected [N, Lq, L, 2] = {(n, lq, lv, 2)}, "
+                             f"got shape {tuple(reference_points.shape)}")
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
+        return locations, weights
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_input: torch.Tensor,
+                spatial_shapes: SpatialShapes, level_start_index: Optional[Union[Sequence[int], torch.Tensor]] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query [N, Lq, C] (positions already added), reference_points [N, Lq, L, 2] normalised (x, y) per level,
+        value_input [N, S, C] flattened levels, spatial_shapes [(H_l, W_l)] * L or int64 [L, 2],
+        level_start_index [L] (optional; the levels are split by spatial_shapes), padding_mask [N, S] bool
+        (True = padding; those values are zeroed) or None. Returns [N, Lq, C].
+        """
+        shapes = spatial_shapes_list(spatial_shapes)
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"spatial_shapes: expected {self.n_levels} levels, got {len(shapes)}: {shapes}")
+        if query.dim() != 3 or query.shape[-1] != self.d_model:
+            raise ValueError(f"query: expected [N, Lq, {self.d_model}], got shape {tuple(query.shape)}")
+        n, s = query.shape[0], sum(h * w for h, w in shapes)
+        if value_input.shape != (n, s, self.d_model):
+            raise ValueError(f"value_input: expected [N, S, C] = {(n, s, self.d_model)} for spatial_shapes {shapes}, "
+                             f"got shape {tuple(value_input.shape)}")
+        if level_start_index is not None:
+            starts = [0, *itertools.accumulate(h * w for h, w in shapes[:-1])]
+            given = (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor)
+                     else list(level_start_index))
+            if given != starts:
+                raise ValueError(f"level_start_index: expected {starts} for spatial_shapes {shapes}, got {given}")
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            if padding_mask.shape != (n, s) or padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask: expected bool [N, S] = {(n, s)}, "
+                                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        locations, weights = self.sample_points(query, reference_points, shapes)
+        value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
+        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
+
+
+def sine_position_encoding(mask: Union[torch.Tensor, Sequence[int]], num_feats: int = 128, temperature: float = 10000,
+                           normalize: bool = True, scale: float = 2 * math.pi, offset: float = -0.5,
+                           eps: float = 1e-6, dtype: torch.dtype = torch.float32,
+                           device: Optional[torch.device] = None) -> torch.Tensor:
+    """DETR/mmdet sine positions: mask [N, H, W] bool (True = padding), or a shape (N, H, W) for no padding.
+
+    Coordinates are the cumulative count of valid pixels (1..h along y), with normalize
+    (count + offset) / (count at the last row/column + eps) * scale. Returns [N, 2 * num_feats, H, W]:
+    y features first, then x, each interleaving sin and cos of coordinate / temperature ** (2 * (k // 2) / num_feats).
+    """
+    if not isinstance(mask, torch.Tensor):
+        if len(mask) != 3:
+            raise ValueError(f"sine_position_encoding: expected a mask [N, H, W] or a shape (N, H, W), got {mask}")
+        mask = torch.zeros(tuple(mask), dtype=torch.bool, device=device)
+    if mask.dim() != 3 or mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected bool [N, H, W], got {mask.dtype} {tuple(mask.shape)}")
+    if num_feats % 2:
+        raise ValueError(f"num_feats must be even (sin/cos pairs), got {num_feats}")
+    not_mask = (~mask).to(dtype)
+    y_embed = not_mask.cumsum(1)
+    x_embed = not_mask.cumsum(2)
+    if normalize:
+        y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_feats, dtype=dtype, device=mask.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    n, h, w = mask.shape
+
+    def embed(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord[..., None] / dim_t  # [N, H, W, F]
+        return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=4).view(n, h, w, num_feats)
+
+    return torch.cat([embed(y_embed), embed(x_embed)], dim=3).permute(0, 3, 1, 2)
+
+
+def level_masks(image_sizes: Sequence[Sequence[int]], padded_size: Sequence[int],
+                feature_shapes: Sequence[Sequence[int]], device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """Per-level padding masks of a padded batch: True = padding.
+
+    image_sizes: [(h, w)] * N unpadded; padded_size: (H, W) of the batch tensor; feature_shapes: [(H_l, W_l)] * L.
+    A level's valid extent is ceil(h * H_l / H) x ceil(w * W_l / W), i.e. every feature cell whose receptive field
+    starts inside the image (ceil(h / s) for a stride s dividing H; also right for a P6 made by a stride-2 conv).
+    Returns L masks [N, H_l, W_l] bool.
+    """
+    height, width = (int(v) for v in padded_size)
+    for h, w in image_sizes:
+        if not (0 < h <= height and 0 < w <= width):
+            raise ValueError(f"image_sizes: expected each (h, w) within the padded size {(height, width)}, "
+                             f"got {(h, w)}")
+    masks = []
+    for fh, fw in feature_shapes:
+        mask = torch.ones(len(image_sizes), fh, fw, dtype=torch.bool, device=device)
+        for i, (h, w) in enumerate(image_sizes):
+            mask[i, : math.ceil(h * fh / height), : math.ceil(w * fw / width)] = False
+        masks.append(mask)
+    return masks
+
+
+def valid_ratios(masks: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpadded fraction of each level: masks L x [N, H_l, W_l] bool (True = padding) -> [N, L, 2] (x, y).
+
+    Measured along the first row/column, as Deformable DETR does (the valid region is a top-left rectangle).
+    """
+    ratios = []
+    for mask in masks:
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / h
+        valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / w
+        ratios.append(torch.stack([valid_w, valid_h], -1))
+    return torch.stack(ratios, 1)
+
+
+def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: torch.Tensor) -> torch.Tensor:
+    """Pixel centres of every level as encoder reference points, in each level's normalised coordinates.
+
+    ratios [N, L, 2] valid ratios (x, y). A centre ((j + 0.5) / W_l, (i + 0.5) / H_l) is divided by its own level's
+    ratio (making it relative to the unpadded image) and multiplied by every level's ratio.
+    Returns [N, S, L, 2] normalised (x, y).
+    """
+    points = []
+    for level, (h, w) in enumerate(spatial_shapes_list(spatial_shapes)):
+        ys = torch.linspace(0.5, h - 0.5, h, dtype=ratios.dtype, device=ratios.device)
+        xs = torch.linspace(0.5, w - 0.5, w, dtype=ratios.dtype, device=ratios.device)
+        ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+        ref_y = ref_y.reshape(1, -1) / (ratios[:, None, level, 1] * h)
+        ref_x = ref_x.reshape(1, -1) / (ratios[:, None, level, 0] * w)
+        points.append(torch.stack([ref_x, ref_y], -1))  # [N, H_l*W_l, 2]
+    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+
+
+def _ffn(d_model: int, dim_feedforward: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(dim_feedforward, d_model), nn.Dropout(dropout))
+
+
+class DeformableEncoderLayer(nn.Module):
+    """MSDA self-attention over all levels, then an FFN; post-norm (each sub-layer: norm(x + dropout(f(x))))."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 dim_feedforward: int = 1024, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = _ffn(d_model, dim_feedforward, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
+                spatial_shapes: SpatialShapes, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """src, pos [N, S, C]; reference_points [N, S, L, 2]; padding_mask [N, S] bool or None -> [N, S, C]."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask=padding_mask)
+        src = self.norm1(src + self.dropout(attn))
+        return self.norm2(src + self.ffn(src))
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Query self-attention (MHA, query_pos added to q and k), MSDA cross-attention into the encoder memory, FFN;
+    post-norm."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 dim_feedforward: int = 1024, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = _ffn(d_model, dim_feedforward, dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
+                memory: torch.Tensor, spatial_shapes: SpatialShapes,
+                memory_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tgt, query_pos [N, Q, C]; reference_points [N, Q, L, 2]; memory [N, S, C];
+        memory_padding_mask [N, S] bool or None -> [N, Q, C]."""
+        q = k = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
+                               padding_mask=memory_padding_mask)
+        tgt = self.norm2(tgt + self.dropout2(attn))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
+class DeformableTransformer(nn.Module):
+    """Deformable DETR encoder-decoder, single stage, reference points never refined (ISDA's configuration).
+
+    forward(features, masks) -> (hs [num_decoder_layers, N, Q, C] every decoder layer's output,
+    reference_points [N, Q, 2] normalised (x, y) (from the query embedding only, the same for every image),
+    memory [N, S, C] the encoder output, levels flattened row-major and concatenated).
+    """
+
+    def __init__(self, d_model: int = 256, n_heads: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_points: int = 4,
+                 num_queries: int = 300) -> None:
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"d_model must be even (half x, half y sine features), got {d_model}")
+        self.d_model, self.n_levels, self.num_queries = d_model, n_levels, num_queries
+        layer_args = (d_model, n_levels, n_heads, n_points, dim_feedforward, dropout)
+        self.encoder = nn.ModuleList(DeformableEncoderLayer(*layer_args) for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_decoder_layers))
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        self.query_embedding = nn.Embedding(num_queries, 2 * d_model)  # [query_pos | content query]
+        self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: xavier on every layer matrix, then MSDA's own init; level embed ~ N(0, 1);
+        the query embedding keeps nn.Embedding's N(0, 1)."""
+        for layer in (*self.encoder, *self.decoder):
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            for module in layer.modules():
+                if isinstance(module, MultiScaleDeformableAttention):
+                    module.reset_parameters()
+        nn.init.xavier_uniform_(self.reference_points.weight)
+        nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def _check(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]]) -> None:
+        if len(features) != self.n_levels:
+            raise ValueError(f"features: expected {self.n_levels} levels, got {len(features)}")
+        n = features[0].shape[0]
+        for level, feat in enumerate(features):
+            if feat.dim() != 4 or feat.shape[:2] != (n, self.d_model):
+                raise ValueError(f"features[{level}]: expected [N={n}, C={self.d_model}, H_l, W_l], "
+                                 f"got shape {tuple(feat.shape)}")
+        if masks is None:
+            return
+        if len(masks) != self.n_levels:
+            raise ValueError(f"masks: expected {self.n_levels} masks or None, got {len(masks)}")
+        for level, (feat, mask) in enumerate(zip(features, masks)):
+            expected = (n, *feat.shape[2:])
+            if mask.shape != expected or mask.dtype != torch.bool:
+                raise ValueError(f"masks[{level}]: expected bool {expected} (True = padding), "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+
+    def flatten(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], list[tuple[int, int]]]:
+        """Levels -> (src [N, S, C], pos [N, S, C] sine + level embedding, padding_mask [N, S] or None, shapes)."""
+        srcs, poss, flat_masks, shapes = [], [], [], []
+        for level, feat in enumerate(features):
+            n, c, h, w = feat.shape
+            shapes.append((h, w))
+            mask = masks[level] if masks is not None else torch.zeros(n, h, w, dtype=torch.bool, device=feat.device)
+            pos = sine_position_encoding(mask, num_feats=c // 2, dtype=feat.dtype)
+            srcs.append(feat.flatten(2).transpose(1, 2))
+            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level])
+            flat_masks.append(mask.flatten(1))
+        padding_mask = torch.cat(flat_masks, 1) if masks is not None else None
+        return torch.cat(srcs, 1), torch.cat(poss, 1), padding_mask, shapes
+
+    def forward(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features: L maps [N, C, H_l, W_l]; masks: L bool [N, H_l, W_l] (True = padding; see level_masks) or None.
+
+        Returns hs [num_decoder_layers, N, Q, C], reference_points [N, Q, 2] in [0, 1], memory [N, S, C].
+        """
+        self._check(features, masks)
+        src, pos, padding_mask, shapes = self.flatten(features, masks)
+        n = src.shape[0]
+        ratios = (valid_ratios(masks, src.dtype) if masks is not None
+                  else src.new_ones(n, self.n_levels, 2))
+        memory = src
+        enc_ref = encoder_reference_points(shapes, ratios)
+        for layer in self.encoder:
+            memory = layer(memory, pos, enc_ref, shapes, padding_mask)
+        query_pos, tgt = self.query_embedding.weight.split(self.d_model, dim=1)
+        query_pos, tgt = query_pos.expand(n, -1, -1), tgt.expand(n, -1, -1)
+        reference_points = self.reference_points(query_pos).sigmoid()  # [N, Q, 2]
+        dec_ref = reference_points[:, :, None] * ratios[:, None]  # [N, Q, L, 2]
+        hs = []
+        for layer in self.decoder:
+            tgt = layer(tgt, query_pos, dec_ref, memory, shapes, padding_mask)
+            hs.append(tgt)
+        return torch.stack(hs), reference_points, memory

@@ -1,0 +1,123 @@
+"""ISDA's mask side: the mask feature representation (SOLOv2-style MFR) and per-query dynamic 1x1 kernels."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["KernelHead", "MaskFeatureHead", "coordinate_channels", "mask_logits"]
+
+
+def coordinate_channels(feat: torch.Tensor) -> torch.Tensor:
+    """Normalised pixel coordinates of a map [N, C, H, W] -> [N, 2, H, W]: x then y, linspace(-1, 1) over the
+    whole (padded) map, as SOLOv2's CoordConv."""
+    n, _, h, w = feat.shape
+    ys = torch.linspace(-1, 1, h, dtype=feat.dtype, device=feat.device)
+    xs = torch.linspace(-1, 1, w, dtype=feat.dtype, device=feat.device)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x, y])[None].expand(n, -1, -1, -1)
+
+
+def _conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int, num_groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.GroupNorm(num_groups, out_channels), nn.ReLU(inplace=True))
+
+
+class MaskFeatureHead(nn.Module):
+    """Mask feature representation (ISDA's MFR, SOLOv2's mask feature head): P2..P5 fused at stride 4.
+
+    Branch of P2: 3x3 conv + GN + ReLU. Branches of P3, P4, P5: 1, 2, 3 stages of [3x3 conv + GN + ReLU,
+    2x bilinear upsample] (each upsample goes to the next finer input's size: exactly 2x for maps padded to /32).
+    With mask_position, coordinate_channels are concatenated to P5 before its first conv (in_channels + 2 inputs).
+    The four branches are summed at stride 4, then 1x1 conv + GN + ReLU -> out_channels.
+
+    mask_stride 4 is ISDA's. For 8 and 2 the branches are still fused at stride 4 exactly as above and the sum is
+    resized bilinearly (align_corners=False) before the final 1x1 conv: to P3's size for 8 (a 2x2 average when
+    sizes are even), to twice P2's size for 2. The MFR then has the same grid as P3 (stride 8) or 2x P2 (stride 2).
+    """
+
+    def __init__(self, in_channels: int = 256, feat_channels: int = 128, out_channels: int = 256,
+                 mask_stride: int = 4, mask_position: bool = True, num_groups: int = 32) -> None:
+        super().__init__()
+        if mask_stride not in (2, 4, 8):
+            raise ValueError(f"mask_stride: expected 2, 4 or 8, got {mask_stride}")
+        for name, channels in (("feat_channels", feat_channels), ("out_channels", out_channels)):
+            if channels % num_groups:
+                raise ValueError(f"{name}: expected a multiple of num_groups={num_groups}, got {channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.mask_stride, self.mask_position = mask_stride, mask_position
+        self.branches = nn.ModuleList()
+        for level in range(4):  # P2 (0 upsamples) .. P5 (3 upsamples)
+            convs = nn.ModuleList()
+            for stage in range(max(level, 1)):
+                c_in = in_channels if stage == 0 else feat_channels
+                if level == 3 and stage == 0 and mask_position:
+                    c_in += 2
+                convs.append(_conv_gn_relu(c_in, feat_channels, 3, num_groups))
+            self.branches.append(convs)
+        self.fuse = _conv_gn_relu(feat_channels, out_channels, 1, num_groups)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """features: P2..P5 [N, in_channels, H/s, W/s] for s = 4, 8, 16, 32 -> MFR [N, out_channels, h, w]
+        at stride mask_stride (h = H_P2 for 4, H_P3 for 8, 2 * H_P2 for 2)."""
+        if len(features) != 4:
+            raise ValueError(f"features: expected 4 maps P2..P5, got {len(features)}")
+        for level, feat in enumerate(features):
+            if feat.dim() != 4 or feat.shape[1] != self.in_channels:
+                raise ValueError(f"features[{level}] (P{level + 2}): expected [N, {self.in_channels}, H, W], "
+                                 f"got shape {tuple(feat.shape)}")
+        sizes = [feat.shape[-2:] for feat in features]
+        fused = None
+        for level, (feat, convs) in enumerate(zip(features, self.branches)):
+            x = torch.cat([feat, coordinate_channels(feat)], 1) if level == 3 and self.mask_position else feat
+            for stage, conv in enumerate(convs):
+                x = conv(x)
+                if level > 0:  # upsample to the next finer level: P_l -> P_{l-1} ... -> P2
+                    x = F.interpolate(x, size=sizes[level - 1 - stage], mode="bilinear", align_corners=False)
+            fused = x if fused is None else fused + x
+        if self.mask_stride != 4:
+            size = sizes[1] if self.mask_stride == 8 else (2 * sizes[0][0], 2 * sizes[0][1])
+            fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+        return self.fuse(fused)
+
+
+class KernelHead(nn.Module):
+    """Per-query dynamic 1x1 kernel (ISDA's "position-aware kernel").
+
+    MLP d -> d -> d -> kernel_dim (ReLU between); with kernel_position the last layer gives kernel_dim - 2 and
+    torch.logit(reference_points, eps) (inverse sigmoid, eps-clamped) is appended, so the last 2 kernel
+    entries are the query's reference point (x, y) in logit space.
+    """
+
+    def __init__(self, d_model: int = 256, kernel_dim: int = 256, kernel_position: bool = True,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        if kernel_position and kernel_dim <= 2:
+            raise ValueError(f"kernel_dim: expected > 2 with kernel_position, got {kernel_dim}")
+        self.kernel_dim, self.kernel_position, self.eps = kernel_dim, kernel_position, eps
+        out = kernel_dim - 2 if kernel_position else kernel_dim
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(inplace=True),
+                                 nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, out))
+
+    def forward(self, hs: torch.Tensor, reference_points: torch.Tensor | None = None) -> torch.Tensor:
+        """hs [..., N, Q, d] (e.g. all decoder layers [D, N, Q, d]); reference_points [N, Q, 2] in [0, 1]
+        (required with kernel_position) -> kernels [..., N, Q, kernel_dim]."""
+        kernels = self.mlp(hs)
+        if not self.kernel_position:
+            return kernels
+        if reference_points is None or reference_points.shape != hs.shape[-3:-1] + (2,):
+            given = None if reference_points is None else tuple(reference_points.shape)
+            raise ValueError(f"reference_points: expected [N, Q, 2] = {tuple(hs.shape[-3:-1]) + (2,)} "
+                             f"with kernel_position, got {given}")
+        position = torch.logit(reference_points, eps=self.eps).expand(*kernels.shape[:-1], 2)
+        return torch.cat([kernels, position], -1)
+
+
+def mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
+    """Dynamic 1x1 conv without bias: kernels [..., N, Q, K] over mfr [N, K, h, w] -> mask logits [..., N, Q, h, w]."""
+    if mfr.dim() != 4 or kernels.dim() < 3 or kernels.shape[-3] != mfr.shape[0] or kernels.shape[-1] != mfr.shape[1]:
+        raise ValueError(f"mask_logits: expected kernels [..., N, Q, K] and mfr [N, K, h, w] with equal N and K, "
+                         f"got {tuple(kernels.shape)} and {tuple(mfr.shape)}")
+    return torch.einsum("...nqk,nkhw->...nqhw", kernels, mfr)
