@@ -1,26 +1,72 @@
-"""Reading istr's safetensors files (codecs, models): one place for the 'not a readable file' errors."""
+"""The one file format of istr models and codecs: safetensors tensors + JSON metadata; save/load of any model.
+
+A model file holds the state_dict and, in its metadata, what rebuilds the model:
+    format "istr-model", version, istr_version,
+    architecture   the registered architecture name (ARCHITECTURES: "istr", "isda", or one registered by a user)
+    config         JSON of model.config(), the plain values its architecture's from_config(config) takes
+    categories     JSON list of {"id", "name"} per label when the model carries them (model.categories)
+A module that is not a registered architecture (a torchvision baseline trained with the same Trainer) is
+saved as format "istr-state-dict" with its class name, and loads only into a given instance (model=...).
+"""
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-__all__ = ["read_safetensors"]
+from istr.registry import Registry
+
+__all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
+           "load_model", "check_state_dict", "config_mismatches"]
+
+ARCHITECTURES = Registry("model architecture")
+
+MODEL_FORMAT, STATE_DICT_FORMAT = "istr-model", "istr-state-dict"
+MODEL_FORMAT_VERSION = "2"  # 2: architecture + categories keys; version 1 files are ISTR models
+
+
+def register_architecture(name: str) -> Callable:
+    """Class decorator: a model class that save_model/load_model can rebuild. The class implements
+    `config() -> dict` (plain JSON values) and `from_config(config) -> model` (a classmethod); it may list
+    construction keys that need not match when loading into an existing model in `inference_options`."""
+
+    def decorator(cls):
+        for method in ("config", "from_config"):
+            if not callable(getattr(cls, method, None)):
+                raise TypeError(f"architecture {name!r}: {cls.__name__} must define {method}()")
+        cls.architecture = name
+        return ARCHITECTURES.register(name)(cls)
+
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _check_readable(path: Path, kind: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no {kind} file at {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is a directory, not a {kind} file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path} exists but is not readable by this user (permission denied)")
 
 
 def read_safetensors(path: str | Path, kind: str,
                      map_location: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; `kind` ("codec", "model") names the file in the errors.
 
-    FileNotFoundError when there is no file; ValueError naming the path when it is not a readable safetensors file.
+    FileNotFoundError when there is no file, PermissionError when it cannot be read, ValueError naming the path
+    when it is not a readable safetensors file.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {kind} file at {path}")
+    _check_readable(path, kind)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta: dict[str, Any] = f.metadata() or {}
@@ -28,3 +74,112 @@ def read_safetensors(path: str | Path, kind: str,
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a {kind} file (not a readable safetensors file: {exc})") from None
     return meta, tensors
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temporary file in the same folder, then rename), readable by others
+    as any new file is (mode 0666 minus the umask; safetensors alone leaves 0600 temporary-file permissions)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Write `model` to one safetensors file: weights (codec included) and, for a registered architecture,
+    everything load_model needs to rebuild it (config, categories). Other modules are saved as a plain
+    state_dict that loads into an instance of the same class."""
+    import istr
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_model expects an nn.Module, got {type(model).__name__}")
+    tensors = model.state_dict()
+    name = getattr(type(model), "architecture", None)
+    if name is None or name not in ARCHITECTURES:
+        meta = {"format": STATE_DICT_FORMAT, "class": type(model).__qualname__, "istr_version": istr.__version__}
+    else:
+        meta = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "istr_version": istr.__version__,
+                "architecture": name, "config": json.dumps(model.config())}
+        categories = getattr(model, "categories", None)
+        if categories is not None:
+            meta["categories"] = json.dumps(categories)
+    write_safetensors(path, tensors, meta)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", model: nn.Module | None = None) -> nn.Module:
+    """Load a file written by save_model: rebuilt from its stored architecture and config on `map_location`,
+    in eval mode.
+
+    model: load into this existing model instead (it keeps its device and train/eval mode); a ValueError names
+    every construction arg and tensor that differs (the architecture's `inference_options`, such as min_size or
+    detections_per_image, may differ).
+    """
+    path = Path(path)
+    meta, tensors = read_safetensors(path, "model", map_location)
+    fmt = meta.get("format")
+    if fmt == STATE_DICT_FORMAT:
+        if model is None:
+            raise ValueError(f"{path} holds the weights of a {meta.get('class')}, not of a registered istr "
+                             f"architecture; load it into an instance: load_model(path, model=...)")
+        if meta.get("class") != type(model).__qualname__:
+            raise TypeError(f"{path} holds weights of a {meta.get('class')} but the model is a {type(model).__name__}")
+        check_state_dict(model.state_dict(), tensors, path)
+        model.load_state_dict(tensors)
+        return model
+    if fmt != MODEL_FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is a safetensors file but not an istr model (metadata keys: {sorted(meta)}); "
+                         "codec files load with istr.load_codec")
+    config = json.loads(meta["config"])
+    name = meta.get("architecture", "istr")  # version 1 files hold ISTR models
+    categories = json.loads(meta["categories"]) if "categories" in meta else None
+    fresh = model is None
+    if model is None:
+        model = ARCHITECTURES.get(name).from_config(config)
+    else:
+        if getattr(type(model), "architecture", None) != name:
+            raise TypeError(f"{path} holds a {name!r} model but the model is a {type(model).__name__}")
+        diffs = config_mismatches(config, model.config(), ignore=getattr(model, "inference_options", ()))
+        if diffs:
+            raise ValueError(f"{path} was saved from a different model: " + "; ".join(diffs))
+    check_state_dict(model.state_dict(), tensors, path)
+    model.load_state_dict(tensors)
+    if categories is not None:
+        model.categories = categories
+    return model.to(map_location).eval() if fresh else model
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ValueError naming the missing, unexpected and differently shaped tensors of a file against a model."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+              for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}, "
+                         f"shape mismatches {shapes[:10]}")
+
+
+def config_mismatches(saved: dict[str, Any], current: dict[str, Any], prefix: str = "",
+                      ignore: tuple[str, ...] | frozenset = ()) -> list[str]:
+    """'key: file A vs model B' for every differing (nested) config value; top-level keys in `ignore` skipped."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in ignore:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_mismatches(a, b, f"{prefix}{key}.")
+        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):  # tuples vs lists compare equal
+            diffs.append(f"{prefix}{key}: file {a!r} vs model {b!r}")
+    return diffs

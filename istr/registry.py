@@ -1,4 +1,5 @@
-"""One small Registry class: every extension point (codecs, cost terms, loss terms, models) is an instance."""
+"""One small Registry class: every extension point (codecs, cost and loss terms, backbones, necks, presets,
+model architectures) is an instance."""
 from __future__ import annotations
 
 import fnmatch
@@ -42,6 +43,12 @@ class Registry:
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise KeyError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+    def unregister(self, name: str) -> Callable:
+        """Remove and return the entry registered as `name` (KeyError listing the known names otherwise)."""
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a shell-style wildcard, e.g. 'istr_r50*'."""

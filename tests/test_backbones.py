@@ -60,7 +60,7 @@ def test_freeze_at():
     frozen = {n.split(".")[0] for n, p in bb.body.named_parameters() if not p.requires_grad}
     trainable = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
     assert frozen == {"conv1", "bn1", "layer1"} and trainable == {"layer2", "layer3", "layer4"}
-    assert all(p.requires_grad for p in bb.fpn.parameters())
+    assert all(p.requires_grad for p in bb.neck.parameters())
     bb = Backbone("efficientnet_b0", out_channels=8, freeze_at=1)  # everything before the stride-4 stage
     frozen = {".".join(n.split(".")[:2]) for n, p in bb.body.named_parameters() if not p.requires_grad}
     assert frozen == {"conv_stem.weight", "bn1.weight", "bn1.bias", "blocks.0"}

@@ -133,16 +133,38 @@ def test_wrong_files_and_unsavable_models(tmp_path):
         istr.load_model(junk)
     with pytest.raises(FileNotFoundError):
         istr.load_model(tmp_path / "missing.safetensors")
-    with pytest.raises(TypeError, match="ISTR"):
-        istr.save_model(nn.Linear(2, 2), tmp_path / "x.safetensors")
+    # a module of no registered architecture is saved as a plain state dict: it loads into an instance only
+    linear = nn.Linear(2, 2)
+    istr.save_model(linear, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="not of a registered istr architecture"):
+        istr.load_model(tmp_path / "x.safetensors")
+    other = nn.Linear(2, 2)
+    istr.load_model(tmp_path / "x.safetensors", model=other)
+    assert torch.equal(other.weight, linear.weight)
+    with pytest.raises(TypeError, match="Linear"):
+        istr.load_model(tmp_path / "x.safetensors", model=nn.Conv2d(2, 2, 1))
 
     class PlainBackbone(nn.Module):
         out_channels, strides = 32, (4, 8, 16, 32)
 
-        def forward(self, x):
-            return [torch.zeros(x.shape[0], 32, x.shape[2] // s, x.shape[3] // s) for s in self.strides]
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
 
-    custom = ISTR(PlainBackbone(), fitted_pca(), 3, hidden_dim=32, num_queries=4, num_stages=1, dynamic_dim=8,
-                  ffn_dim=64, num_heads=4)
-    with pytest.raises(TypeError, match="no config"):
-        istr.save_model(custom, tmp_path / "custom.safetensors")
+        def forward(self, x):
+            return [self.scale * torch.ones(x.shape[0], 32, x.shape[2] // s, x.shape[3] // s) for s in self.strides]
+
+    def custom():
+        torch.manual_seed(0)
+        return ISTR(PlainBackbone(), fitted_pca(), 3, hidden_dim=32, num_queries=4, num_stages=1, dynamic_dim=8,
+                    ffn_dim=64, num_heads=4)
+
+    # a backbone without config() is saved with the weights; the file loads into a model the user builds
+    saved = custom()
+    with torch.no_grad():
+        saved.backbone.scale.fill_(3.0)
+    istr.save_model(saved, tmp_path / "custom.safetensors")
+    with pytest.raises(ValueError, match="backbone has no config"):
+        istr.load_model(tmp_path / "custom.safetensors")
+    loaded = istr.load_model(tmp_path / "custom.safetensors", model=custom())
+    assert float(loaded.backbone.scale.detach()) == 3.0

@@ -83,7 +83,7 @@ def test_train_forward_backward_and_loss_keys():
     for stage in model.stages:
         assert stage.interaction.generator.weight.grad.abs().sum() > 0
         assert stage.mask_branch[-1].weight.grad.abs().sum() > 0
-    assert model.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    assert model.backbone.neck.layer_blocks[0][0].weight.grad.abs().sum() > 0
 
 
 def test_images_without_targets_give_finite_losses():
@@ -318,7 +318,7 @@ def test_head_parameter_count_of_the_paper_model():
     head = sum(p.numel() for p in model.head_parameters())
     print(f"istr_r50_fpn_pca60 head parameters (all but backbone + FPN, C=80): {head:,}")
     assert abs(head - 81_564_432) <= 0.01 * 81_564_432
-    assert sum(p.numel() for p in model.backbone.fpn.parameters()) == 3_344_384
+    assert sum(p.numel() for p in model.backbone.neck.parameters()) == 3_344_384
     assert sum(p.numel() for p in model.stages[0].parameters()) == 13_581_072
     assert isinstance(model.codec, istr.codecs.pca.PCACodec) and not model.codec.is_fitted
     assert (model.codec.mask_size, model.codec.dim, model.codec.whiten) == (28, 60, True)

@@ -117,7 +117,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert latest_checkpoint(out / "checkpoints").name == "iter_0000004"
     assert not (out / "model.safetensors").exists()  # no final model written from a broken state
     events = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "non_finite" in l]
+    indices = events[0].pop("indices")
     assert events == [{"iter": 5, "event": "non_finite", "what": "loss", "terms": ["focal_s1", "loss"]}]
+    assert len(indices) == 2 and f"dataset indices {indices}" in msg  # the two images of iteration 5's batch
     # the kept checkpoint is good: training resumes from it and runs on
     resumed = train(tiny_model(paths["train_annotations"]), train_set, _cfg(max_iters=6), out_dir=out, resume=True)
     assert resumed.iterations == 6 and math.isfinite(resumed.last_losses["loss"])

@@ -1,8 +1,8 @@
-"""Training-state checkpoints: model + codec (istr.save_model) plus optimizer, scheduler, RNG and data-order state.
+"""Training-state checkpoints: the model (istr.save_model) plus optimizer, scheduler, RNG and data-order state.
 
 Layout of one checkpoint (a directory, written to a temporary name and renamed when complete):
     <out_dir>/checkpoints/iter_0000500/model.safetensors   istr.save_model: weights, codec, construction args
-                                                           (other nn.Modules: their state_dict)
+                                                           (modules of no registered architecture: state_dict)
     <out_dir>/checkpoints/iter_0000500/trainer_state.pt    optimizer, scheduler, RNG states, iteration, data order
     <out_dir>/checkpoints/last                             text file naming the newest complete checkpoint
 """
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from istr.io import load_model, save_model
+
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-    "prune_checkpoints", "capture_rng_state", "restore_rng_state", "save_weights", "load_weights",
+    "prune_checkpoints", "capture_rng_state", "restore_rng_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -28,7 +30,6 @@ STATE_FILE = "trainer_state.pt"
 LAST_FILE = "last"
 _FORMAT = "istr-train-state"
 _VERSION = 1
-_STATE_DICT_FORMAT = "istr-state-dict"
 
 
 class CheckpointMismatchError(ValueError):
@@ -86,7 +87,7 @@ def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / MODEL_FILE)
+    save_model(model, tmp / MODEL_FILE)
     torch.save({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
@@ -143,49 +144,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
     if state.get("format") != _FORMAT:
         raise ValueError(f"{path / STATE_FILE} is not an istr training state (format {state.get('format')!r})")
     try:
-        load_weights(path / MODEL_FILE, model, map_location=map_location)
+        load_model(path / MODEL_FILE, map_location=map_location, model=model)
     except (ValueError, TypeError) as exc:
         raise CheckpointMismatchError(f"cannot resume from {path}: {exc}") from None
     return state
-
-
-# ---------------------------------------------------------------------------------------------------- weights
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    """istr.save_model for ISTR models (weights + codec + construction args); a plain safetensors state_dict
-    for any other nn.Module (e.g. a torchvision baseline trained with the same Trainer)."""
-    from istr.models import ISTR, save_model
-
-    if isinstance(model, ISTR):
-        save_model(model, path)
-        return
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": _STATE_DICT_FORMAT, "class": type(model).__qualname__})
-
-
-def load_weights(path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
-    """Load weights written by save_weights into `model`; ValueError naming what differs when they do not fit."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from istr.models import ISTR, load_model
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != _STATE_DICT_FORMAT:
-        if not isinstance(model, ISTR):
-            raise TypeError(f"{path} holds an istr ISTR model but the model is a {type(model).__name__}")
-        # load_model(model=...) checks construction args and every tensor name/shape against `model`
-        load_model(path, map_location=map_location, model=model)
-        return
-    if meta.get("class") != type(model).__qualname__:
-        raise TypeError(f"{path} holds weights of a {meta.get('class')} but the model is a {type(model).__name__}")
-    tensors, expected = load_file(str(path), device=str(map_location)), model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-              for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shape mismatches {shapes[:5]}")
-    model.load_state_dict(tensors)

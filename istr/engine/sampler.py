@@ -61,7 +61,8 @@ class ResumableBatchSampler(Sampler[list]):
 
 
 class SeededDataset(Dataset):
-    """Index with (index, seed): runs dataset[index] with torch, numpy and python `random` seeded by `seed`.
+    """Index with (index, seed) -> (index, dataset[index]), the item computed with torch, numpy and python
+    `random` seeded by `seed`.
 
     The caller's RNG states are restored afterwards, so loading data in the main process (num_workers=0) does
     not disturb the model's own randomness.
@@ -81,7 +82,7 @@ class SeededDataset(Dataset):
             random.seed(seed)
             np.random.seed(seed % (2 ** 32))
             try:
-                return self.dataset[index]
+                return index, self.dataset[index]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)

@@ -6,7 +6,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,19 +19,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from istr.engine import checkpoint as ckpt
 from istr.engine import distributed as dist_utils
+from istr.engine.callbacks import Callback, PeriodicCheckpoint, PeriodicEvaluation, TimeBudget
 from istr.engine.sampler import ResumableBatchSampler, SeededDataset
+from istr.errors import NonFiniteError
+from istr.io import save_model
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteLossError", "train", "warmup_multistep_factor"]
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term (or the gradient norm) became NaN/inf; training stopped without writing a checkpoint."""
+class NonFiniteLossError(NonFiniteError):
+    """Training met NaN/inf (an input image, a matching cost, a loss term, the gradient norm or the weights) and
+    stopped; no checkpoint was written from the broken state."""
 
 
 @dataclass
@@ -38,6 +46,12 @@ class TrainConfig:
 
     An iteration is one optimizer step over `accum_steps` micro-batches of `batch_size` images per process.
     Training stops at `max_iters` or after `max_minutes` of wall time (whichever comes first; either may be None).
+    lr_multipliers: {parameter-name substring: lr multiplier} for the head (e.g. ISDA's {"sampling_offsets": 0.1});
+    None takes the model's own `lr_multipliers` attribute when it has one. backbone_lr_mult scales "backbone.*".
+
+    Resuming applies a changed schedule, optimizer or bookkeeping setting exactly (logged as a "resume" event);
+    it refuses changes of batch_size, accum_steps, seed and shuffle, which decide the data order and randomness
+    of the run being continued.
     """
 
     lr: float = 2.5e-5
@@ -45,6 +59,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     backbone_lr_mult: float = 1.0
+    lr_multipliers: dict[str, float] | None = None
     batch_size: int = 16
     accum_steps: int = 1
     max_iters: int | None = 270_000
@@ -121,12 +136,17 @@ class TrainResult:
     """What a finished train() returns (also written to out_dir/train_result.json)."""
 
     iterations: int
-    elapsed_s: float
-    stop_reason: str  # "max_iters" | "time_budget"
+    elapsed_s: float  # training time, evaluation excluded (resumed runs: all segments)
+    stop_reason: str  # "max_iters" | "time_budget" | a reason given to Trainer.stop
     last_losses: dict[str, float]
     checkpoint: str | None
     model_path: str | None
     metrics: dict[str, Any] | None = None
+    eval_s: float = 0.0  # time spent evaluating, periodic and final
+
+
+FIXED_ON_RESUME = ("batch_size", "accum_steps", "seed", "shuffle")
+_RUN_FILES = ("log.jsonl", "model.safetensors", "train_result.json", "train_config.json", "checkpoints")
 
 
 def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
@@ -142,37 +162,55 @@ def _default_collate(batch):
     return collate_fn(batch)
 
 
+class _IndexedCollate:
+    """Collate (dataset index, sample) pairs: (indices, collate_fn(samples)), so errors can name the images."""
+
+    def __init__(self, collate_fn: Callable) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch):
+        return [i for i, _ in batch], self.collate_fn([sample for _, sample in batch])
+
+
 class Trainer:
-    """Trains an ISTR-style model: `model(images, targets)` returns a dict of scalar losses with "loss".
+    """Trains a model: `model(images, targets)` returns a dict of scalar losses with "loss" (ISTR, ISDA, ...).
 
     Under torchrun (WORLD_SIZE > 1) the process group is joined from the environment, the model is wrapped in
     DistributedDataParallel, each rank reads its DistributedSampler share, and only rank 0 writes files.
-    callbacks: functions called as cb(trainer, losses) after every iteration (losses: the logged floats); they may
-    change trainer.cfg.max_iters / milestones (the lr schedule reads cfg when it steps), e.g. to fit a schedule
-    into a time budget once the speed is known.
-    Files in out_dir: log.jsonl (one JSON record per iteration: losses, lr, grad_norm, time; eval records too),
-    checkpoints/iter_*/ (see istr.engine.checkpoint), model.safetensors (final weights via istr.save_model),
-    train_result.json.
+    callbacks: istr.engine.callbacks.Callback objects (hooks at train start, step end and train end); the
+    time budget, periodic checkpoints and evaluation of the config are such callbacks, installed first.
+    out_dir must not hold a previous run unless it is resumed (resume()) or overwrite=True (which deletes it).
+    SIGINT/SIGTERM finish the current step, write a checkpoint and then raise KeyboardInterrupt / SystemExit.
+    Files in out_dir: log.jsonl (one JSON record per iteration: losses, lr, grad_norm, time; eval and other
+    events too), checkpoints/iter_*/ (istr.engine.checkpoint), model.safetensors (final weights,
+    istr.save_model), train_config.json, train_result.json.
     """
 
     def __init__(self, model: nn.Module, train_dataset: Sequence[Any], cfg: TrainConfig | None = None,
                  val_dataset: Sequence[Any] | None = None, out_dir: str | Path = "runs/train",
-                 collate_fn: Callable | None = None,
-                 callbacks: Sequence[Callable[["Trainer", dict[str, float]], None]] = ()) -> None:
+                 collate_fn: Callable | None = None, callbacks: Sequence[Callback] = (), overwrite: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if cfg is None:
             cfg = TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be istr.engine.callbacks.Callback objects, got {type(cb).__name__}")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self.overwrite = bool(overwrite)
         self.dist = dist_utils.init_distributed(cfg.device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.val_dataset = val_dataset
         self.train_dataset = train_dataset
-        self.callbacks = list(callbacks)
+        _adopt_categories(model, train_dataset)
+        self.callbacks: list[Callback] = [PeriodicCheckpoint(cfg.checkpoint_every), PeriodicEvaluation(cfg.eval_every)]
+        if cfg.max_minutes is not None:
+            self.callbacks.append(TimeBudget(cfg.max_minutes))
+        self.callbacks += list(callbacks)
 
         self._seed_everything(cfg.seed + self.dist.rank)
         self.module = model.to(self.device)
@@ -187,8 +225,8 @@ class Trainer:
                                                    rank=self.dist.rank, world_size=self.dist.world_size,
                                                    shuffle=cfg.shuffle, drop_last=True)
         self.loader = DataLoader(SeededDataset(train_dataset), batch_sampler=self.batch_sampler,
-                                 collate_fn=collate_fn or _default_collate, num_workers=cfg.num_workers,
-                                 persistent_workers=cfg.num_workers > 0,
+                                 collate_fn=_IndexedCollate(collate_fn or _default_collate),
+                                 num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                                  pin_memory=self.device.type == "cuda",
                                  # own generator: creating an iterator must not draw from the global RNG
                                  generator=torch.Generator().manual_seed(cfg.seed))
@@ -196,14 +234,21 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.elapsed_before = 0.0
+        self.eval_seconds = 0.0
+        self.last_step_seconds = 0.0
         self.last_losses: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
+        self.metrics: dict[str, Any] | None = None
+        self._resumed = False
+        self._stop_reason: str | None = None
+        self._signal: int | None = None
+        self._batch_indices: list[int] = []
         self._data_iter = None
         self._log_buffer: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ setup
     def _lr_factor(self, iteration: int) -> float:
-        c = self.cfg  # read at every step, so callbacks may move milestones
+        c = self.cfg  # read at every step, so callbacks and resumes may move milestones
         return warmup_multistep_factor(iteration, c.warmup_iters, c.warmup_factor, c.milestones, c.gamma)
 
     @staticmethod
@@ -212,25 +257,60 @@ class Trainer:
         np.random.seed(seed % (2 ** 32))
         random.seed(seed)
 
+    def _lr_multipliers(self) -> dict[str, float]:
+        mults = self.cfg.lr_multipliers
+        return dict(getattr(self.module, "lr_multipliers", {}) if mults is None else mults)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups, each {"params", "lr", "name"}: the head at lr, "backbone.*" at lr x backbone_lr_mult,
+        and one group per lr_multipliers entry (the first matching substring wins)."""
+        cfg, mults = self.cfg, self._lr_multipliers()
+        groups: dict[str, dict[str, Any]] = {"head": {"params": [], "lr": cfg.lr, "name": "head"}}
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = next((k for k in mults if k in name), None)
+            if key is not None:
+                group = groups.setdefault(key, {"params": [], "lr": cfg.lr * mults[key], "name": key})
+            elif name.startswith("backbone."):
+                group = groups.setdefault("backbone", {"params": [], "lr": cfg.lr * cfg.backbone_lr_mult,
+                                                       "name": "backbone"})
+            else:
+                group = groups["head"]
+            group["params"].append(p)
+        return [g for g in groups.values() if g["params"]]
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        backbone, rest = [], []
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                (backbone if name.startswith("backbone.") else rest).append(p)
-        if not backbone and not rest:
+        groups = self._param_groups()
+        if not groups:
             raise ValueError("the model has no trainable parameters")
-        groups = [{"params": rest, "lr": cfg.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
         # weight decay on every parameter, norms and biases included (as the reference code). fused: one kernel
         # for all parameters instead of a dozen small ops per tensor (torch >= 2.4 on CPU too; same update rule)
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, fused=_fused_adamw_supported(self.device))
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=_fused_adamw_supported(self.device))
 
     @property
     def checkpoint_root(self) -> Path:
         return self.out_dir / "checkpoints"
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds so far (earlier segments of a resumed run included, evaluation excluded)."""
+        run = time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0
+        return self.elapsed_before + run - self.eval_seconds
+
+    # ------------------------------------------------------------------------------------------------ callbacks' API
+    def stop(self, reason: str = "callback") -> None:
+        """Finish after the current step, with `reason` as the TrainResult's stop_reason."""
+        self._stop_reason = reason
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append a JSON record to log.jsonl (rank 0; buffered, flushed with the next checkpoint or log_every)."""
+        if self.is_main:
+            self._log_buffer.append(json.dumps(record))
+
+    _log = log
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -238,14 +318,15 @@ class Trainer:
         rng = dist_utils.all_gather_object(ckpt.capture_rng_state())
         return {
             "iteration": self.iteration, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "elapsed_s": self.elapsed_before + self._run_elapsed(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "elapsed_s": self.elapsed, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng, "world_size": self.dist.world_size, "config": _jsonable_config(self.cfg),
             "last_losses": dict(self.last_losses),
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current iteration (rank 0 writes; every rank takes part). Returns its path."""
+        """Write a checkpoint of the current iteration (rank 0 writes; every rank takes part). Returns its path.
+        Raises NonFiniteLossError, writing nothing, when the weights are not finite."""
+        self._check_weights_finite()
         state = self.state_dict()  # collective: all ranks gather RNG states
         path = None
         if self.is_main:
@@ -253,13 +334,15 @@ class Trainer:
             path = ckpt.save_checkpoint(self.checkpoint_root, self.module, state, keep=self.cfg.keep_checkpoints)
             self.last_checkpoint = path
         dist_utils.barrier()
+        self._saved_at = self.iteration
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from checkpoint `path` (a checkpoint dir) or, with None, from out_dir's newest one.
 
         Returns False when path is None and out_dir has no checkpoint. Raises CheckpointMismatchError if the
-        checkpoint's model differs from this trainer's model.
+        checkpoint's model differs from this trainer's model, ValueError if batch_size, accum_steps, seed, shuffle
+        or the world size differ from the checkpoint's run; other changed settings are applied exactly.
         """
         if path is None:
             path = ckpt.latest_checkpoint(self.checkpoint_root)
@@ -267,30 +350,50 @@ class Trainer:
                 return False
         path = Path(path)
         state = ckpt.load_checkpoint(path, self.module, map_location=self.device)
+        saved_cfg = state.get("config", {})
+        fixed = [f"{k}: checkpoint {saved_cfg[k]!r} vs now {v!r}" for k, v in _jsonable_config(self.cfg).items()
+                 if k in FIXED_ON_RESUME and k in saved_cfg and saved_cfg[k] != v]
+        if int(state.get("world_size", 1)) != self.dist.world_size:
+            fixed.append(f"world size: checkpoint {state.get('world_size')} vs now {self.dist.world_size}")
+        if fixed:
+            raise ValueError(f"cannot resume {path} with a different data order or randomness: {'; '.join(fixed)}. "
+                             "Resume with the run's settings, or start a new run")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_losses = dict(state.get("last_losses", {}))
-        rng = state["rng"]
-        if int(state.get("world_size", 1)) != self.dist.world_size:
-            logger.warning("checkpoint %s was written with world size %s, resuming with %s: data order and "
-                           "randomness will differ from an uninterrupted run", path, state.get("world_size"),
-                           self.dist.world_size)
-        ckpt.restore_rng_state(rng[self.dist.rank % len(rng)])
+        changed = self._apply_config_changes(saved_cfg)
+        ckpt.restore_rng_state(state["rng"][self.dist.rank % len(state["rng"])])
         self._data_iter = None
-        self.last_checkpoint = path
+        self.last_checkpoint, self._saved_at, self._resumed = path, self.iteration, True
         if self.is_main:
             self._truncate_log(self.iteration)
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        self.log({"iter": self.iteration, "event": "resume", "checkpoint": str(path), "changed": changed})
+        logger.info("resumed from %s at iteration %d%s", path, self.iteration,
+                    f"; applied changed settings {changed}" if changed else "")
         return True
 
-    # ------------------------------------------------------------------------------------------------ logging
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            self._log_buffer.append(json.dumps(record))
+    def _apply_config_changes(self, saved: dict[str, Any]) -> dict[str, list]:
+        """Make the optimizer follow this config where it differs from the checkpoint's: base lrs (LambdaLR's
+        base_lrs and each group's initial_lr), weight decay, betas, eps; the schedule reads cfg lazily. Returns
+        {key: [checkpoint value, new value]} for every differing setting."""
+        now = _jsonable_config(self.cfg)
+        changed = {k: [saved[k], v] for k, v in now.items() if k in saved and saved[k] != v}
+        new_groups = self._param_groups()
+        if [g["name"] for g in new_groups] != [g.get("name") for g in self.optimizer.param_groups]:
+            raise ValueError("cannot resume: the optimizer's parameter groups differ from the checkpoint's "
+                             "(lr_multipliers or backbone freezing changed)")
+        cfg = self.cfg
+        for group, new, i in zip(self.optimizer.param_groups, new_groups, range(len(new_groups))):
+            group["initial_lr"] = new["lr"]
+            self.scheduler.base_lrs[i] = new["lr"]
+            group["lr"] = new["lr"] * self._lr_factor(self.iteration)
+            group["weight_decay"], group["betas"], group["eps"] = cfg.weight_decay, cfg.betas, cfg.eps
+        return changed
 
+    # ------------------------------------------------------------------------------------------------ logging
     def _flush_log(self) -> None:
         if self.is_main and self._log_buffer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,13 +402,79 @@ class Trainer:
             self._log_buffer.clear()
 
     def _truncate_log(self, iteration: int) -> None:
-        """Drop log records written after `iteration` by an interrupted run (they will be redone)."""
+        """Drop log records written after `iteration` by an interrupted run (they will be redone), and a torn
+        last line (a crash while writing it)."""
         log = self.out_dir / "log.jsonl"
         if not log.is_file():
             return
-        kept = [line for line in log.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iter", 0) <= iteration]
-        log.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                logger.warning("%s: dropped an unreadable line (torn by an interruption): %.80s", log, line)
+                continue
+            if record is not None and record.get("iter", 0) <= iteration:
+                kept.append(line)
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_run_dir(self) -> None:
+        """Before any step: refuse to mix with a previous run in out_dir, and fail now if it is not writable."""
+        if not self.is_main:
+            return
+        previous = [name for name in _RUN_FILES if (self.out_dir / name).exists()]
+        if previous == ["checkpoints"] and not ckpt.list_checkpoints(self.checkpoint_root):
+            previous = []
+        if previous and not self._resumed:
+            if not self.overwrite:
+                raise FileExistsError(f"{self.out_dir} holds a previous run ({', '.join(previous)}): resume it "
+                                      "(resume=True, istr train --resume) or start over in it (overwrite=True, "
+                                      "istr train --overwrite), or choose another output directory")
+            for name in previous:
+                target = self.out_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        for folder in (self.out_dir, self.checkpoint_root):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write_test_{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise PermissionError(f"cannot write training output to {folder}: {exc}") from None
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
+        bad = sorted(k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all())
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        if float(dist_utils.all_reduce_sum(flag)) == 0:
+            return
+        if bad:
+            terms = ", ".join(f"{k}={float(losses[k].detach().float().reshape(-1)[0]):g}" for k in bad)
+        else:
+            terms = "on another rank"
+        self._non_finite(what, f"{terms}", bad)
+
+    def _non_finite(self, what: str, detail: str, terms: list[str] | None = None) -> None:
+        it = self.iteration + 1
+        kept = self.last_checkpoint or ckpt.latest_checkpoint(self.checkpoint_root)
+        msg = (f"non-finite {what} at iteration {it} (dataset indices {self._batch_indices}): {detail}. "
+               "Training stopped; "
+               + (f"the last good checkpoint {kept} (iteration {_ckpt_iter(kept)}) was kept unchanged."
+                  if kept else "no checkpoint had been written yet.")
+               + " Try a lower lr, a warmup, or check the data of these images.")
+        self.log({"iter": it, "event": "non_finite", "what": what, "terms": terms or [],
+                  "indices": self._batch_indices})
+        self._flush_log()
+        raise NonFiniteLossError(msg)
+
+    def _check_weights_finite(self) -> None:
+        norms = torch._foreach_norm([p.detach() for p in self.module.parameters()])
+        if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
+            bad = [n for (n, _), v in zip(self.module.named_parameters(), norms) if not torch.isfinite(v)]
+            self.iteration -= 1  # the step that broke the weights is the one reported
+            self._non_finite("weights", f"{len(bad)} parameter tensors, e.g. {bad[:3]}", bad[:10])
 
     # ------------------------------------------------------------------------------------------------ loop
     def _next_batch(self):
@@ -313,37 +482,15 @@ class Trainer:
             self.batch_sampler.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
             self._data_iter = iter(self.loader)
         try:
-            batch = next(self._data_iter)
+            indices, batch = next(self._data_iter)
         except StopIteration:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.batch_sampler.set_epoch(self.epoch)
             self._data_iter = iter(self.loader)
-            batch = next(self._data_iter)
+            indices, batch = next(self._data_iter)
         self.batch_in_epoch += 1
+        self._batch_indices = [int(i) for i in indices]
         return batch
-
-    def _run_elapsed(self) -> float:
-        return time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0
-
-    def _check_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
-        bad = sorted(k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all())
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-        any_bad = float(dist_utils.all_reduce_sum(flag)) > 0
-        if not any_bad:
-            return
-        it = self.iteration + 1
-        if bad:
-            terms = ", ".join(f"{k}={float(losses[k].detach().float().reshape(-1)[0]):g}" for k in bad)
-        else:
-            terms = "on another rank"
-        kept = self.last_checkpoint or ckpt.latest_checkpoint(self.checkpoint_root)
-        msg = (f"non-finite {what} at iteration {it}: {terms}. Training stopped; "
-               + (f"the last good checkpoint {kept} (iteration {_ckpt_iter(kept)}) was kept unchanged."
-                  if kept else "no checkpoint had been written yet.")
-               + " Try a lower lr, a warmup, or check the data of this iteration.")
-        self._log({"iter": it, "event": "non_finite", "what": what, "terms": bad})
-        self._flush_log()
-        raise NonFiniteLossError(msg)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over accum_steps micro-batches. Gradients stay in p.grad until the next step."""
@@ -357,8 +504,11 @@ class Trainer:
             sync = (self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel)
                     and k < cfg.accum_steps - 1 else contextlib.nullcontext())
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    losses = self.model(images, targets)
+                try:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        losses = self.model(images, targets)
+                except NonFiniteError as exc:  # a NaN image, or NaN predictions reaching the matcher
+                    self._non_finite("input or prediction", str(exc))
                 if not isinstance(losses, dict) or "loss" not in losses:
                     raise TypeError("in train mode the model must return a dict of losses containing 'loss', got "
                                     f"{type(losses).__name__}" + (f" with keys {sorted(losses)}" if isinstance(losses, dict) else ""))
@@ -382,21 +532,15 @@ class Trainer:
         out["grad_norm"] = float(grad_norm)
         return out
 
-    def _time_left(self, iter_time: float) -> bool:
-        if self.cfg.max_minutes is None:
-            return True
-        budget = self.cfg.max_minutes * 60.0
-        elapsed = self.elapsed_before + self._run_elapsed()
-        go = elapsed + 0.5 * iter_time < budget
-        return bool(dist_utils.broadcast_object(go))
-
     def evaluate(self) -> dict[str, Any] | None:
-        """COCO-evaluate on val_dataset (every rank runs its shard; rank 0 logs) without disturbing any RNG state."""
+        """COCO-evaluate on val_dataset (every rank runs its shard; rank 0 logs) without disturbing any RNG state.
+        Its time counts as evaluation time, not training time."""
         if self.val_dataset is None:
             return None
         from istr.engine.evaluate import evaluate
 
-        kwargs = {"progress": False, **self.cfg.eval_kwargs}
+        t0 = time.perf_counter()
+        kwargs = {"progress": self.cfg.progress, **self.cfg.eval_kwargs}
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             was_training = self.module.training
@@ -406,74 +550,154 @@ class Trainer:
                 self.module.train(was_training)
         random.setstate(py_state)
         np.random.set_state(np_state)
-        self._log({"iter": self.iteration, "event": "eval", "metrics": metrics})
+        self.eval_seconds += time.perf_counter() - t0
+        self.metrics, self._evaluated_at = metrics, self.iteration
+        self.log({"iter": self.iteration, "event": "eval", "metrics": metrics})
         self._flush_log()
         if self.is_main:
             logger.info("iter %d  eval %s", self.iteration,
-                        "  ".join(f"{k} AP {v.get('AP', float('nan')):.4f}" for k, v in metrics.items()
+                        "  ".join(f"{k} AP {100 * v.get('AP', float('nan')):.1f}" for k, v in metrics.items()
                                   if isinstance(v, dict)))
         return metrics
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step (any rank's signal or stop() counts; all ranks agree)."""
+        flags = torch.tensor([float(self._signal is not None), float(self._stop_reason is not None)],
+                             device=self.device)
+        flags = dist_utils.all_reduce_sum(flags)
+        if flags[0] > 0 and self._signal is None:
+            self._signal = signal.SIGTERM
+        if flags[1] > 0 and self._stop_reason is None:
+            self._stop_reason = dist_utils.broadcast_object(self._stop_reason) or "callback"
+        return bool(flags.sum() > 0)
+
     def train(self) -> TrainResult:
-        """Run until max_iters or the time budget; returns a TrainResult. Rank 0 writes out_dir."""
+        """Run until max_iters, the time budget or a callback's stop(); returns a TrainResult. Rank 0 writes out_dir."""
         cfg = self.cfg
+        self._check_run_dir()
+        _check_dataset_files(self.train_dataset)
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(_jsonable_config(cfg), indent=2))
-        self._t_start = time.perf_counter()
+        self._t_start, self.eval_seconds = time.perf_counter(), 0.0
+        self._saved_at = self.iteration if self.last_checkpoint is not None else -1
+        self._evaluated_at = -1
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True)
-        stop_reason, iter_time, metrics = "max_iters", 0.0, None
-        saved_at = self.iteration if self.last_checkpoint is not None else -1
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         try:
-            while cfg.max_iters is None or self.iteration < cfg.max_iters:
-                if not self._time_left(iter_time):
-                    stop_reason = "time_budget"
-                    break
-                t0 = time.perf_counter()
-                losses = self.train_step()
-                iter_time = time.perf_counter() - t0
-                self.iteration += 1
-                self.last_losses = losses
-                lr = self.optimizer.param_groups[0]["lr"]
-                self._log({"iter": self.iteration, "lr": lr, **losses, "iter_time": round(iter_time, 4),
-                           "time": round(self.elapsed_before + self._run_elapsed(), 3), "epoch": self.epoch})
-                if cfg.log_every and self.iteration % cfg.log_every == 0:
-                    self._flush_log()
-                    logger.info("iter %d  loss %.4f  lr %.3g  %.2fs/it", self.iteration, losses["loss"], lr, iter_time)
+            with _deferred_signals(self):
+                while cfg.max_iters is None or self.iteration < cfg.max_iters:
+                    t0 = time.perf_counter()
+                    losses = self.train_step()
+                    self.last_step_seconds = time.perf_counter() - t0
+                    self.iteration += 1
+                    self.last_losses = losses
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.log({"iter": self.iteration, "lr": lr, **losses, "iter_time": round(self.last_step_seconds, 4),
+                              "time": round(self.elapsed, 3), "epoch": self.epoch})
+                    if cfg.log_every and self.iteration % cfg.log_every == 0:
+                        self._flush_log()
+                        logger.info("iter %d  loss %.4f  lr %.3g  %.2fs/it", self.iteration, losses["loss"], lr,
+                                    self.last_step_seconds)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2g}")
                     if bar is not None:
-                        bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2g}")
-                if bar is not None:
-                    bar.update(1)
-                for callback in self.callbacks:
-                    callback(self, losses)
-                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                    saved_at = self.iteration
-                if cfg.eval_every and self.iteration % cfg.eval_every == 0:
-                    metrics = self.evaluate()
+                        bar.update(1)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, losses)
+                    if self._stop_requested():
+                        break
         finally:
             if bar is not None:
                 bar.close()
             self._flush_log()
-        if saved_at != self.iteration and (cfg.checkpoint_every or cfg.max_minutes is not None):
+        if self._signal is not None:
+            self._interrupted()
+        stop_reason = self._stop_reason or "max_iters"
+        if self._saved_at != self.iteration and (cfg.checkpoint_every or cfg.max_minutes is not None):
             self.save_checkpoint()
         model_path = None
         if self.is_main:
             model_path = self.out_dir / "model.safetensors"
-            ckpt.save_weights(self.module, model_path)
-        if cfg.eval_at_end and self.val_dataset is not None and not (cfg.eval_every and self.iteration % cfg.eval_every == 0):
-            metrics = self.evaluate()
-        result = TrainResult(iterations=self.iteration, elapsed_s=round(self.elapsed_before + self._run_elapsed(), 3),
-                             stop_reason=stop_reason, last_losses=self.last_losses,
+            save_model(self.module, model_path)
+        if cfg.eval_at_end and self.val_dataset is not None and self._evaluated_at != self.iteration:
+            self.evaluate()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        result = TrainResult(iterations=self.iteration, elapsed_s=round(self.elapsed, 3), stop_reason=stop_reason,
+                             last_losses=self.last_losses,
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                             model_path=str(model_path) if model_path else None, metrics=metrics)
+                             model_path=str(model_path) if model_path else None, metrics=self.metrics,
+                             eval_s=round(self.eval_seconds, 3))
         if self.is_main:
             (self.out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2, default=str))
         return result
+
+    def _interrupted(self) -> None:
+        """After SIGINT/SIGTERM: checkpoint the last finished step, then leave as the signal asked."""
+        signum = self._signal
+        if self._saved_at != self.iteration:
+            self.save_checkpoint()
+        self.log({"iter": self.iteration, "event": "interrupted", "signal": int(signum)})
+        self._flush_log()
+        logger.warning("interrupted by signal %d: checkpoint of iteration %d in %s", signum, self.iteration,
+                       self.last_checkpoint)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(signum))
+
+
+@contextlib.contextmanager
+def _deferred_signals(trainer: Trainer):
+    """SIGINT/SIGTERM set trainer._signal (the loop checkpoints and leaves after the step); a second one acts at
+    once. Only the main thread can install handlers; elsewhere signals keep their default behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        trainer._signal = signum
+        for s, h in previous.items():  # a second signal is not deferred
+            signal.signal(s, h)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _adopt_categories(model: nn.Module, dataset: Any) -> None:
+    """Give the model the dataset's label -> category mapping (saved with it), refusing a different one."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    ids, names = getattr(base, "label_to_category_id", None), getattr(base, "category_names", None)
+    if ids is None or names is None or not hasattr(model, "categories"):
+        return
+    categories = [{"id": int(i), "name": str(n)} for i, n in zip(ids, names)]
+    num_classes = getattr(model, "num_classes", len(categories))
+    if num_classes != len(categories):
+        raise ValueError(f"the model predicts {num_classes} classes but the training set has {len(categories)} "
+                         f"categories: build it with num_classes={len(categories)}")
+    if model.categories is not None and model.categories != categories:
+        raise ValueError("the model's categories differ from the training set's: "
+                         f"model {model.categories[:3]}... vs data {categories[:3]}...")
+    model.categories = categories
+
+
+def _check_dataset_files(dataset: Any) -> None:
+    """Let a dataset that can check its files (CocoInstances.check_files) do so before the first step."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    indices = list(dataset.indices) if isinstance(dataset, Subset) else None
+    check = getattr(base, "check_files", None)
+    if callable(check):
+        check(indices)
 
 
 def _fused_adamw_supported(device: torch.device) -> bool:
@@ -497,14 +721,15 @@ def _jsonable_config(cfg: TrainConfig) -> dict[str, Any]:
 def train(model: nn.Module, train_dataset: Sequence[Any], cfg: TrainConfig | None = None,
           val_dataset: Sequence[Any] | None = None, out_dir: str | Path = "runs/train",
           resume: bool | str | Path = False, collate_fn: Callable | None = None,
-          callbacks: Sequence[Callable[[Trainer, dict[str, float]], None]] = ()) -> TrainResult:
+          callbacks: Sequence[Callback] = (), overwrite: bool = False) -> TrainResult:
     """Train `model` on `train_dataset` ((image [3,H,W] float in [0,1], target dict) pairs) following `cfg`.
 
     resume: False (start fresh), True (continue from out_dir's newest checkpoint if there is one), or a
-    checkpoint directory. Returns a TrainResult; see Trainer for the files written to out_dir.
+    checkpoint directory. overwrite: start fresh in an out_dir that holds a previous run (deleting it).
+    Returns a TrainResult; see Trainer for the files written to out_dir.
     """
     trainer = Trainer(model, train_dataset, cfg, val_dataset=val_dataset, out_dir=out_dir, collate_fn=collate_fn,
-                      callbacks=callbacks)
+                      callbacks=callbacks, overwrite=overwrite)
     if resume is True:
         trainer.resume(None)
     elif resume:

@@ -1,15 +1,16 @@
-"""Set-loss terms: a registry of functions (one stage's outputs, targets, matching, codec, num_boxes) -> scalar.
+"""Set-loss terms: a registry of functions (one stage's outputs, targets, matching, context, num_boxes) -> scalar.
 
 Call contract of every loss term (look terms up with LOSSES.get(name) or list them with LOSSES.list()):
 
-    term(outputs, targets, indices, codec, num_boxes) -> scalar Tensor (unweighted; SetCriterion weights it)
+    term(outputs, targets, indices, context, num_boxes) -> scalar Tensor (unweighted; SetCriterion weights it)
 
-    outputs: one stage, {"logits": [B, K, C], "boxes": [B, K, 4] absolute xyxy, "mask_embeds": [B, K, l]}
-    targets: list of B dicts {"boxes": [T_b, 4] absolute xyxy, "labels": int64 [T_b],
-             "mask_grids": [T_b, M, M] in [0, 1], "mask_embeds": [T_b, l] = codec.encode(mask_grids),
-             "image_size": [2] (h, w)}
+    outputs: one stage (ISTR) or decoder layer (ISDA), {"logits": [B, K, C], ...}: ISTR adds "boxes" [B, K, 4]
+             absolute xyxy and "mask_embeds" [B, K, l]; ISDA adds "mask_logits" [B, K, h, w]
+    targets: list of B dicts {"labels": int64 [T_b], ...} (istr.losses.targets): ISTR adds "boxes" [T_b, 4]
+             absolute xyxy, "mask_grids" [T_b, M, M] in [0, 1], "mask_embeds" [T_b, l] = codec.encode(mask_grids),
+             "image_size" [2] (h, w); ISDA adds "masks" [T_b, h, w] in [0, 1] on the mask_logits' grid
     indices: list of B pairs (pred_idx, tgt_idx) of int64 tensors from HungarianMatcher
-    codec:   the MaskCodec (the dice term decodes matched embeddings with it)
+    context: dict; {"codec": the MaskCodec} for ISTR (the dice term decodes matched embeddings with it)
     num_boxes: float >= 1, the (distributed-averaged) number of target boxes; every term is a sum over
              matched pairs (or over all K x C logits for "focal") divided by it.
 
@@ -24,20 +25,27 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from istr.matching.costs import box_scale
+from istr.matching.costs import box_scale, context_codec
 from istr.registry import Registry
 
 __all__ = ["LOSSES", "register_loss", "focal_loss", "l1_loss", "giou_loss", "embed_l2_loss",
-           "embed_smooth_l1_loss", "dice_loss", "matched_predictions", "matched_targets", "dice_per_instance"]
+           "embed_smooth_l1_loss", "dice_loss", "mask_dice_loss", "matched_predictions", "matched_targets",
+           "dice_per_instance"]
 
 LOSSES = Registry("loss term")
 
 LossFn = Callable[[dict, Sequence[dict], Sequence[tuple], object, float], torch.Tensor]
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a loss term `(outputs, targets, indices, codec, num_boxes) -> scalar` under `name`."""
-    return LOSSES.register(name)
+def register_loss(name: str, reads: Sequence[str] = (), target_reads: Sequence[str] = ()) -> Callable[[LossFn], LossFn]:
+    """Decorator: register a loss term `(outputs, targets, indices, context, num_boxes) -> scalar` under `name`.
+    reads / target_reads: the output and target keys it needs (SetCriterion checks them up front)."""
+
+    def decorator(fn: LossFn) -> LossFn:
+        fn.reads, fn.target_reads = tuple(reads), tuple(target_reads)
+        return LOSSES.register(name)(fn)
+
+    return decorator
 
 
 def _batch_index(indices: Sequence[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +76,8 @@ def _num_matched(indices: Sequence[tuple]) -> int:
     return sum(len(src) for src, _ in indices)
 
 
-@register_loss("focal")
-def focal_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec, num_boxes: float,
+@register_loss("focal", reads=("logits",), target_reads=("labels",))
+def focal_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context, num_boxes: float,
                alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss (torchvision, alpha 0.25, gamma 2) over all B x K x C logits; one-hot targets for
     matched queries, all-zero for the rest; summed / num_boxes."""
@@ -89,8 +97,8 @@ def _matched_boxes(outputs, targets, indices) -> tuple[torch.Tensor, torch.Tenso
     return pred, tgt, scale
 
 
-@register_loss("l1")
-def l1_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec, num_boxes: float) -> torch.Tensor:
+@register_loss("l1", reads=("boxes",), target_reads=("boxes", "image_size"))
+def l1_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context, num_boxes: float) -> torch.Tensor:
     """L1 between matched xyxy boxes divided by (W, H, W, H) of their image, summed over coords and pairs / num_boxes."""
     if not _num_matched(indices):
         return _zero(outputs, "boxes")
@@ -98,8 +106,8 @@ def l1_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], co
     return (pred / scale - tgt / scale).abs().sum() / num_boxes
 
 
-@register_loss("giou")
-def giou_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec, num_boxes: float) -> torch.Tensor:
+@register_loss("giou", reads=("boxes",), target_reads=("boxes",))
+def giou_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context, num_boxes: float) -> torch.Tensor:
     """1 - GIoU of each matched (pred, target) pair of absolute xyxy boxes, summed / num_boxes.
 
     torchvision.ops.generalized_box_iou_loss is the pairwise (diagonal) form of generalized_box_iou: O(N)
@@ -116,8 +124,8 @@ def _matched_embeds(outputs, targets, indices) -> tuple[torch.Tensor, torch.Tens
     return pred, tgt
 
 
-@register_loss("embed_l2")
-def embed_l2_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec,
+@register_loss("embed_l2", reads=("mask_embeds",), target_reads=("mask_grids",))
+def embed_l2_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context,
                   num_boxes: float) -> torch.Tensor:
     """ISTR v1 / paper embedding loss: squared error summed over dims and pairs / num_boxes / l."""
     if not _num_matched(indices):
@@ -126,8 +134,8 @@ def embed_l2_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tupl
     return (pred - tgt).pow(2).sum() / num_boxes / pred.shape[-1]
 
 
-@register_loss("embed_smooth_l1")
-def embed_smooth_l1_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec,
+@register_loss("embed_smooth_l1", reads=("mask_embeds",), target_reads=("mask_grids",))
+def embed_smooth_l1_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context,
                          num_boxes: float) -> torch.Tensor:
     """ISTR v2 embedding loss: SmoothL1 (beta 1) summed over dims and pairs / num_boxes / l."""
     if not _num_matched(indices):
@@ -142,14 +150,26 @@ def dice_per_instance(masks: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     return 1 - 2 * (p * t).sum(1) / (p.pow(2).sum(1) + t.pow(2).sum(1) + 1e-5)
 
 
-@register_loss("dice")
-def dice_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], codec, num_boxes: float) -> torch.Tensor:
+@register_loss("dice", reads=("mask_embeds",), target_reads=("mask_grids",))
+def dice_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context, num_boxes: float) -> torch.Tensor:
     """Dice loss between codec.decode(matched predicted embeddings) and the target grids binarised at >= 0.5,
     summed over matched pairs / num_boxes (at the codec's M x M)."""
     if not _num_matched(indices):
         return _zero(outputs, "mask_embeds")
-    if codec is None:
-        raise ValueError("the 'dice' loss term needs a codec to decode predicted mask embeddings")
+    codec = context_codec(context, "dice")
     masks = codec.decode(matched_predictions(outputs, "mask_embeds", indices)).float()
     grids = (matched_targets(targets, "mask_grids", indices).to(masks.device) >= 0.5).float()
     return dice_per_instance(masks, grids).sum() / num_boxes
+
+
+@register_loss("mask_dice", reads=("mask_logits",), target_reads=("masks",))
+def mask_dice_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context,
+                   num_boxes: float) -> torch.Tensor:
+    """ISDA's dice loss on mask logits: 1 - 2 sum(p t) / (sum p^2 + 1e-3 + sum t^2 + 1e-3) with p =
+    sigmoid(matched mask_logits) and t the matched GT masks on the same grid, summed over pairs / num_boxes."""
+    if not _num_matched(indices):
+        return _zero(outputs, "mask_logits")
+    p = matched_predictions(outputs, "mask_logits", indices).sigmoid().flatten(1)
+    t = matched_targets(targets, "masks", indices).to(p.device, torch.float32).flatten(1)
+    dice = 1 - 2 * (p * t).sum(1) / (p.pow(2).sum(1) + 1e-3 + t.pow(2).sum(1) + 1e-3)
+    return dice.sum() / num_boxes

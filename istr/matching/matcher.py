@@ -9,22 +9,22 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from istr.matching.costs import COSTS
+from istr.errors import NonFiniteError
+from istr.matching.costs import COSTS, as_context
 
 __all__ = ["HungarianMatcher", "DEFAULT_COSTS"]
 
 DEFAULT_COSTS: dict[str, float] = {"focal": 2.0, "l1": 5.0, "giou": 2.0, "cosine": 2.0}  # paper / ISTR v1
-
-_PRED_KEYS = ("logits", "boxes", "mask_embeds")
 
 
 class HungarianMatcher(nn.Module):
     """Bipartite matching between the K predictions and the T targets of each image (no parameters).
 
     costs: {cost term name: weight}, terms from istr.matching.COSTS (e.g. DEFAULT_COSTS; the paper's mask-cost
-    ablation swaps "cosine" for "embed_l1" or "dice"). Terms with weight 0 are not computed.
+    ablation swaps "cosine" for "embed_l1" or "dice"; ISDA is {"focal": 2, "mask_iou": 3}). Terms with weight 0
+    are not computed.
 
-    Each image gets its own [K, T] cost matrix, sum_n weight_n * COSTS[n](pred, tgt, codec), solved by
+    Each image gets its own [K, T] cost matrix, sum_n weight_n * COSTS[n](pred, tgt, context), solved by
     scipy.optimize.linear_sum_assignment; no B*K x sum(T) matrix over the batch is ever built.
     Costs are computed in float32 with autocast disabled and without gradients.
 
@@ -55,15 +55,15 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
-                codec=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                context=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Match the predictions of one stage to the targets.
 
         Params:
-            outputs: {"logits": [B, K, C], "boxes": [B, K, 4] absolute xyxy, "mask_embeds": [B, K, l]}
-                (the keys the chosen cost terms read).
-            targets: list of B dicts {"boxes": [T_b, 4] absolute xyxy, "labels": int64 [T_b],
-                "mask_grids": [T_b, M, M], "mask_embeds": [T_b, l] (optional), "image_size": [2] (h, w)}.
-            codec: the MaskCodec, used by the mask cost terms.
+            outputs: {"logits": [B, K, C], ...} plus the keys the chosen cost terms read, each [B, K, ...]
+                (ISTR: "boxes" [B, K, 4] absolute xyxy, "mask_embeds" [B, K, l]; ISDA: "mask_logits" [B, K, h, w]).
+            targets: list of B dicts {"labels": int64 [T_b], ...} with the keys the terms read (istr.matching.costs:
+                "boxes", "image_size", "mask_grids", "mask_embeds", "masks").
+            context: {"codec": MaskCodec} for the embedding terms (a bare codec is accepted), or None.
 
         Returns:
             A list of B tuples (pred_idx, tgt_idx) of int64 CPU tensors: prediction pred_idx[j] is matched to
@@ -73,47 +73,49 @@ class HungarianMatcher(nn.Module):
         Raises:
             ValueError if a cost is NaN/inf, naming the cost term(s) and the image.
         """
-        batch = self._check_inputs(outputs, targets)
+        self._check_inputs(outputs, targets)
+        context = as_context(context)
         sizes = [len(t["labels"]) for t in targets]
         if not any(sizes):
             return [_empty_match() for _ in sizes]
-        with torch.autocast(device_type=_device_type(outputs), enabled=False):
+        with torch.autocast(device_type=outputs["logits"].device.type, enabled=False):
             try:
-                matrices = self._cost_matrices(outputs, targets, sizes, codec, batched=self._batched)
+                matrices = self._cost_matrices(outputs, targets, sizes, context, batched=self._batched)
             except ValueError:
                 if not self._batched:
                     raise
                 # a term refused its input (e.g. the codec on NaN embeddings): redo per image to name the image
-                matrices = self._cost_matrices(outputs, targets, sizes, codec, batched=False)
+                matrices = self._cost_matrices(outputs, targets, sizes, context, batched=False)
         indices = []
         for b, t in enumerate(sizes):
             if not t:
                 indices.append(_empty_match())
             elif not np.isfinite(matrices[b]).all():
-                raise ValueError(self._nonfinite_message(self._image_pred(outputs, b), targets[b], codec, b))
+                raise NonFiniteError(self._nonfinite_message(_image_pred(outputs, b), targets[b], context, b))
             else:
                 indices.append(_solve(matrices[b]))
         return indices
 
     @torch.no_grad()
     def match_one(self, pred: Mapping[str, torch.Tensor], tgt: Mapping[str, torch.Tensor],
-                  codec=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Match one image: pred {"logits": [K, C], "boxes": [K, 4], "mask_embeds": [K, l]}, tgt as in forward.
+                  context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match one image: pred {"logits": [K, C], ...} (forward's keys without the batch dim), tgt as in forward.
         Returns (pred_idx, tgt_idx) int64 tensors of length min(K, T)."""
         if len(tgt["labels"]) == 0:
             return _empty_match()
-        with torch.autocast(device_type=pred["boxes"].device.type, enabled=False):
-            matrix = self._total_cost(pred, tgt, codec, 0).cpu().numpy()
+        context = as_context(context)
+        with torch.autocast(device_type=pred["logits"].device.type, enabled=False):
+            matrix = self._total_cost(pred, tgt, context, 0).cpu().numpy()
         if not np.isfinite(matrix).all():
-            raise ValueError(self._nonfinite_message(pred, tgt, codec, 0))
+            raise NonFiniteError(self._nonfinite_message(pred, tgt, context, 0))
         return _solve(matrix)
 
     @torch.no_grad()
     def cost_matrix(self, pred: Mapping[str, torch.Tensor], tgt: Mapping[str, torch.Tensor],
-                    codec=None) -> torch.Tensor:
+                    context=None) -> torch.Tensor:
         """The weighted total cost [K, T] (float32) of one image, the matrix that forward and match_one solve."""
-        with torch.autocast(device_type=pred["boxes"].device.type, enabled=False):
-            return self._total_cost(pred, tgt, codec, 0)
+        with torch.autocast(device_type=pred["logits"].device.type, enabled=False):
+            return self._total_cost(pred, tgt, as_context(context), 0)
 
     # ----------------------------------------------------------------- internals
     @property
@@ -133,7 +135,7 @@ class HungarianMatcher(nn.Module):
                 groups.append([b])
         return groups
 
-    def _cost_matrices(self, outputs, targets, sizes: list[int], codec, batched: bool) -> list[np.ndarray | None]:
+    def _cost_matrices(self, outputs, targets, sizes: list[int], context, batched: bool) -> list[np.ndarray | None]:
         """The B weighted cost matrices as numpy [K, T_b] (None where T_b = 0), with one device -> host copy.
         batched: evaluate each group of images (see _groups) in one call per term on targets padded to the group's
         T_max; else one image at a time."""
@@ -141,13 +143,13 @@ class HungarianMatcher(nn.Module):
         blocks = []
         for group in groups:
             if len(group) == 1:
-                cost = self._total_cost(self._image_pred(outputs, group[0]), targets[group[0]], codec, group[0])[None]
+                cost = self._total_cost(_image_pred(outputs, group[0]), targets[group[0]], context, group[0])[None]
             else:
-                index = torch.tensor(group, device=outputs["boxes"].device)
+                index = torch.tensor(group, device=outputs["logits"].device)
                 whole = group == list(range(len(sizes)))
-                pred = {k: v if whole else v.index_select(0, index) for k, v in outputs.items() if k in _PRED_KEYS}
+                pred = {k: v if whole else v.index_select(0, index) for k, v in _batched_outputs(outputs).items()}
                 padded = _PaddedTargets([targets[b] for b in group], sizes[group[0]])
-                cost = self._total_cost(pred, padded, codec, f"images {group}")
+                cost = self._total_cost(pred, padded, context, f"images {group}")
             blocks.append(cost)
         flat = torch.cat([c.flatten() for c in blocks]).cpu().numpy()
         matrices: list[np.ndarray | None] = [None] * len(sizes)
@@ -159,41 +161,52 @@ class HungarianMatcher(nn.Module):
                 matrices[b] = matrix[:, : sizes[b]]
         return matrices
 
-    def _total_cost(self, pred, tgt, codec, image: int | str) -> torch.Tensor:
+    def _total_cost(self, pred, tgt, context, image: int | str) -> torch.Tensor:
         total = None
         for name, term, weight in self._terms:
             try:
-                cost = term(pred, tgt, codec)
+                cost = term(pred, tgt, context)
             except ValueError as exc:  # e.g. the codec refusing NaN embeddings
                 where = image if isinstance(image, str) else f"image {image}"
                 raise ValueError(f"cost term {name!r} failed on {where}: {exc}") from exc
             total = weight * cost if total is None else total.add_(cost, alpha=weight)
         return total
 
-    def _nonfinite_message(self, pred, tgt, codec, image: int) -> str:
+    def _nonfinite_message(self, pred, tgt, context, image: int) -> str:
         bad = []
         for name, term, weight in self._terms:
-            cost = term(pred, tgt, codec)
+            cost = term(pred, tgt, context)
             if not torch.isfinite(cost).all():
                 bad.append(f"{name!r} ({int((~torch.isfinite(cost)).sum())} of {cost.numel()} entries)")
         which = ", ".join(bad) if bad else "the weighted sum (each term alone is finite: overflow)"
         return f"non-finite matching cost in image {image}: cost term(s) {which}; check the predictions for NaN/inf"
 
-    @staticmethod
-    def _image_pred(outputs, b: int) -> dict:
-        return {k: v[b] for k, v in outputs.items() if k in _PRED_KEYS}
-
-    def _check_inputs(self, outputs, targets) -> int:
-        if not isinstance(outputs, Mapping) or "boxes" not in outputs:
-            raise TypeError(f"outputs must be a dict with 'logits' [B,K,C], 'boxes' [B,K,4], 'mask_embeds' [B,K,l], "
+    def _check_inputs(self, outputs, targets) -> None:
+        if not isinstance(outputs, Mapping) or "logits" not in outputs:
+            raise TypeError(f"outputs must be a dict with 'logits' [B, K, C] and the tensors the cost terms read, "
                             f"got {type(outputs).__name__} with keys {list(outputs) if isinstance(outputs, Mapping) else None}")
-        boxes = outputs["boxes"]
-        if boxes.ndim != 3 or boxes.shape[-1] != 4:
-            raise ValueError(f"outputs['boxes'] must be [B, K, 4], got {tuple(boxes.shape)}")
-        if not isinstance(targets, Sequence) or len(targets) != boxes.shape[0]:
+        logits = outputs["logits"]
+        if logits.ndim != 3:
+            raise ValueError(f"outputs['logits'] must be [B, K, C], got {tuple(logits.shape)}")
+        for key in sorted({k for _, term, _ in self._terms for k in getattr(term, "reads", ())}):
+            if key not in outputs:
+                raise ValueError(f"the cost terms {sorted(self.costs)} need outputs[{key!r}]; got keys {sorted(outputs)}")
+            if tuple(outputs[key].shape[:2]) != tuple(logits.shape[:2]):
+                raise ValueError(f"outputs[{key!r}] must be [B, K, ...] = {list(logits.shape[:2])} + [...] like the "
+                                 f"logits, got {list(outputs[key].shape)}")
+        if not isinstance(targets, Sequence) or len(targets) != logits.shape[0]:
             n = len(targets) if isinstance(targets, Sequence) else type(targets).__name__
-            raise ValueError(f"targets must be a list of {boxes.shape[0]} dicts (one per image), got {n}")
-        return boxes.shape[0]
+            raise ValueError(f"targets must be a list of {logits.shape[0]} dicts (one per image), got {n}")
+
+
+def _batched_outputs(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-query tensors of the outputs: those shaped [B, K, ...] like the logits."""
+    lead = outputs["logits"].shape[:2]
+    return {k: v for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[:2] == lead}
+
+
+def _image_pred(outputs: Mapping[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    return {k: v[b] for k, v in _batched_outputs(outputs).items()}
 
 
 class _PaddedTargets(Mapping):
@@ -236,10 +249,6 @@ class _PaddedTargets(Mapping):
 def _solve(matrix: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = linear_sum_assignment(matrix)
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
-
-
-def _device_type(outputs) -> str:
-    return outputs["boxes"].device.type
 
 
 def _empty_match() -> tuple[torch.Tensor, torch.Tensor]:

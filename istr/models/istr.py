@@ -8,10 +8,13 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from istr.codecs.base import MaskCodec, NotFittedError
+from istr.codecs import MaskCodec, NotFittedError, create_codec
+from istr.io import register_architecture
+from istr.losses.criterion import criterion_config, criterion_from_config
+from istr.losses.targets import box_targets, check_targets
+from istr.models.backbone import build_backbone
 from istr.models.head import ISTRStage
 from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
-from istr.ops import crop_masks, paste_masks
 from istr.ops.roi_align import PyramidTable
 
 __all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
@@ -19,6 +22,7 @@ __all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
 DEFAULT_TRAIN_MIN_SIZES = tuple(range(480, 801, 32))  # paper / v1: short side 480..800 step 32
 
 
+@register_architecture("istr")
 class ISTR(nn.Module):
     """Instance Segmentation TRansformer (paper = reference v1 by default; v2 options behind arguments).
 
@@ -34,7 +38,9 @@ class ISTR(nn.Module):
     forward), `criterion` (called as criterion(stage_outputs, targets, codec); needed only for training).
 
     Table 1 ablations: `attention` "dynamic" | "multihead" (1d), `image_pool` "avg" | "max" | None and
-    `position_embedding` (1e), any codec incl. identity l=784 (1a). v2 options: `mask_head="roi_conv"`
+    `position_embedding` (1e), any codec incl. identity l=784 (1a). The image pool covers each image's own
+    region of the padded batch, so results do not depend on batch composition; `image_pool_padding=True`
+    pools the whole padded map as the authors' code does (their results change with the batch's other images). v2 options: `mask_head="roi_conv"`
     (28x28 RoIAlign at the new boxes + conv head), `stage_logit_average` (inference logits averaged over
     stages 2..N-1).
 
@@ -50,7 +56,7 @@ class ISTR(nn.Module):
                  criterion: nn.Module | None = None, num_queries: int = 300, num_stages: int = 6,
                  hidden_dim: int = 256, dynamic_dim: int = 64, ffn_dim: int = 2048, num_heads: int = 8,
                  roi_size: int = 7, attention: str = "dynamic", image_pool: str | None = "avg",
-                 position_embedding: bool = True, mask_head: str = "query_mlp", mask_roi_size: int = 28,
+                 image_pool_padding: bool = False, position_embedding: bool = True, mask_head: str = "query_mlp", mask_roi_size: int = 28,
                  mask_dim: int | None = None, stage_logit_average: bool = False, logit_average_from: int = 2,
                  detections_per_image: int = 100, mask_threshold: float | None = None, prior_prob: float = 0.01,
                  denoising_groups: int = 0, denoising_box_noise: float = 0.4,
@@ -76,21 +82,28 @@ class ISTR(nn.Module):
             raise ValueError(f"image_pool must be 'avg', 'max' or None, got {image_pool!r}")
         if image_pool is None and not position_embedding:
             raise ValueError("image_pool=None with position_embedding=False leaves the initial queries all zero")
-        out_channels = getattr(backbone, "out_channels", hidden_dim)
+        for key in ("out_channels", "strides"):
+            if not hasattr(backbone, key):
+                raise TypeError(f"the backbone must expose `{key}` (the backbone contract: out_channels, strides, "
+                                f"forward -> one map per stride; see istr.models.backbone); {type(backbone).__name__} "
+                                "does not")
+        out_channels = backbone.out_channels
         if out_channels != hidden_dim:
             raise ValueError(f"the backbone gives {out_channels}-channel features but hidden_dim={hidden_dim}; "
                              "RoI tokens and queries must have the same width (set the FPN out_channels)")
         self.backbone, self.codec, self.criterion = backbone, codec, criterion
-        self.strides = tuple(getattr(backbone, "strides", (4, 8, 16, 32)))
+        self.strides = tuple(backbone.strides)
         self.num_classes, self.num_queries, self.num_stages = num_classes, num_queries, num_stages
-        self.image_pool, self.detections_per_image = image_pool, detections_per_image
+        self.image_pool, self.image_pool_padding = image_pool, bool(image_pool_padding)
+        self.detections_per_image = detections_per_image
+        self.categories: list[dict[str, Any]] | None = None  # [{"id", "name"}] per label, set by the Trainer
         self.stage_logit_average, self.logit_average_from = bool(stage_logit_average), int(logit_average_from)
         self.mask_threshold = mask_threshold
         self.transform = ImageTransform(min_size, max_size, train_min_sizes, size_divisible, pixel_mean, pixel_std)
         self.hparams: dict[str, Any] = dict(
             num_classes=num_classes, num_queries=num_queries, num_stages=num_stages, hidden_dim=hidden_dim,
             dynamic_dim=dynamic_dim, ffn_dim=ffn_dim, num_heads=num_heads, roi_size=roi_size, attention=attention,
-            image_pool=image_pool, position_embedding=bool(position_embedding), mask_head=mask_head,
+            image_pool=image_pool, image_pool_padding=self.image_pool_padding, position_embedding=bool(position_embedding), mask_head=mask_head,
             mask_roi_size=mask_roi_size, stage_logit_average=self.stage_logit_average,
             logit_average_from=self.logit_average_from, detections_per_image=detections_per_image,
             mask_threshold=mask_threshold, prior_prob=prior_prob, denoising_groups=denoising_groups,
@@ -113,17 +126,39 @@ class ISTR(nn.Module):
             s.reset_parameters()
 
     # ------------------------------------------------------------------ construction info
+    # construction keys that may differ when loading weights into an existing model (no effect on the weights)
+    inference_options = frozenset({"preset", "criterion", "min_size", "max_size", "train_min_sizes",
+                                   "detections_per_image", "mask_threshold", "stage_logit_average",
+                                   "logit_average_from", "image_pool_padding"})
+
     def config(self) -> dict[str, Any]:
-        """Plain-value description that rebuilds this model (used by istr.save_model)."""
+        """Plain-value description that rebuilds this model (istr.save_model stores it; from_config reads it)."""
         cfg: dict[str, Any] = dict(self.hparams)
         cfg.update(stage_logit_average=self.stage_logit_average, logit_average_from=self.logit_average_from,
                    detections_per_image=self.detections_per_image, mask_threshold=self.mask_threshold)
         bb_config = getattr(self.backbone, "config", None)
         cfg["backbone"] = bb_config() if callable(bb_config) else None
         cfg["codec"] = {"name": self.codec.codec_name, "config": self.codec.config()}
-        cfg["criterion"] = _criterion_config(self.criterion)
+        cfg["criterion"] = criterion_config(self.criterion)
         cfg["preset"] = getattr(self, "preset", None)
         return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ISTR":
+        """Rebuild an (untrained, pretrained=False) ISTR from a config() dict."""
+        config = dict(config)
+        backbone_cfg = config.pop("backbone")
+        if backbone_cfg is None:
+            raise ValueError("this model's backbone has no config() (not a registered backbone), so it cannot be "
+                             "rebuilt from the file: register it (istr.models.register_backbone) or load the weights "
+                             "into a model you build: istr.load_model(path, model=...)")
+        codec_cfg, crit_cfg, preset = config.pop("codec"), config.pop("criterion", None), config.pop("preset", None)
+        codec = create_codec(codec_cfg["name"], **codec_cfg["config"])
+        criterion = criterion_from_config(crit_cfg, config["num_classes"])
+        model = cls(build_backbone(backbone_cfg), codec, config.pop("num_classes"), criterion=criterion, **config)
+        if preset is not None:
+            model.preset = preset
+        return model
 
     def train(self, mode: bool = True) -> "ISTR":
         """The codec is pre-learned and fixed (paper): it stays in eval mode whatever the model's mode."""
@@ -153,7 +188,10 @@ class ISTR(nn.Module):
                                  "call model.eval() for inference")
             if self.criterion is None:
                 raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
-            self._check_targets(targets, original_sizes)
+            check_targets(targets, original_sizes, self.num_classes)
+        elif targets is not None:
+            raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
+                             "to compute losses, or drop the targets to predict")
         batch, sizes = self.transform(images)
         features = self.backbone(batch)
         if len(features) != len(self.strides):
@@ -162,27 +200,46 @@ class ISTR(nn.Module):
         if not self.training:
             stage_outputs, _ = self._run_stages(features, table, sizes, with_masks=False)
             stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
-            results = [self._postprocess(stage_outputs, s, table, sizes, original_sizes) for s in stage_ids]
+            results = [self.transform.postprocess(self._detections(stage_outputs, s, table), sizes, original_sizes,
+                                                  self.mask_threshold) for s in stage_ids]
             return results if all_stages else results[0]
-        prepared = self._prepare_targets(targets, original_sizes, sizes)
+        prepared = box_targets(targets, original_sizes, sizes, self.codec.mask_size, self.query_boxes.device,
+                               self.codec)
         denoising = self._denoising_queries(features, sizes, prepared) if self.denoising_groups else None
         stage_outputs, dn_outputs = self._run_stages(features, table, sizes, True, denoising)
         keys = ("logits", "boxes", "mask_embeds")
         strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
         extra = {} if denoising is None else {"denoising": (strip(dn_outputs), denoising[2])}
-        return self.criterion(strip(stage_outputs), prepared, self.codec, **extra)
+        return self.criterion(strip(stage_outputs), prepared, {"codec": self.codec}, **extra)
 
-    def _pooled(self, features: list[torch.Tensor]) -> torch.Tensor | None:
-        """The image-pool part of the initial queries [B, d] (GAP/GMP per level, summed, not averaged)."""
+    def _pooled(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The image-pool part of the initial queries [B, d]: average (or max) per level, summed over levels (not
+        averaged), over each image's own region of the map (ceil(h / stride) x ceil(w / stride)), or over the
+        whole padded map with image_pool_padding."""
         if self.image_pool is None:
             return None
-        pool = (lambda f: f.mean((2, 3))) if self.image_pool == "avg" else (lambda f: f.amax((2, 3)))
-        return sum(pool(f) for f in features)
+        pooled = None
+        for f, stride in zip(features, self.strides):
+            if self.image_pool_padding or all(-(-h // stride) == f.shape[2] and -(-w // stride) == f.shape[3]
+                                              for h, w in sizes):
+                p = f.mean((2, 3)) if self.image_pool == "avg" else f.amax((2, 3))
+            else:
+                rows = torch.arange(f.shape[2], device=f.device)
+                cols = torch.arange(f.shape[3], device=f.device)
+                limits = torch.tensor([[-(-h // stride), -(-w // stride)] for h, w in sizes], device=f.device)
+                valid = (rows[None, :, None] < limits[:, 0, None, None]) & (cols[None, None, :] < limits[:, 1, None, None])
+                valid = valid[:, None].to(f.dtype)  # [B, 1, H_l, W_l]
+                if self.image_pool == "avg":
+                    p = (f * valid).sum((2, 3)) / valid.sum((2, 3))
+                else:
+                    p = f.masked_fill(valid == 0, float("-inf")).amax((2, 3))
+            pooled = p if pooled is None else pooled + p
+        return pooled
 
-    def _initial_queries(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def _initial_queries(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
         b = features[0].shape[0]
         queries = features[0].new_zeros((b, self.num_queries, self.hparams["hidden_dim"]))
-        pooled = self._pooled(features)
+        pooled = self._pooled(features, sizes)
         if pooled is not None:
             queries = queries + pooled[:, None, :]
         if self.position_embeddings is not None:
@@ -201,7 +258,7 @@ class ISTR(nn.Module):
         """
         wh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=features[0].dtype, device=features[0].device)
         boxes = box_convert(self.query_boxes, "cxcywh", "xyxy")[None] * wh[:, None, :]  # [B, K, 4]
-        queries, attn_mask, k = self._initial_queries(features), None, self.num_queries
+        queries, attn_mask, k = self._initial_queries(features, sizes), None, self.num_queries
         if denoising is not None:
             dn_boxes, dn_queries = denoising[:2]
             boxes, queries = torch.cat([boxes, dn_boxes], 1), torch.cat([queries, dn_queries], 1)
@@ -243,7 +300,7 @@ class ISTR(nn.Module):
             src = (torch.arange(groups)[:, None] * t_max + torch.arange(n)[None]).flatten()
             indices.append((src, torch.arange(n).repeat(groups)))
         boxes = boxes.view(len(targets), groups * t_max, 4).to(dtype)
-        pooled = self._pooled(features)
+        pooled = self._pooled(features, sizes)
         queries = self.denoising_query[None, None].expand(len(targets), groups * t_max, -1)
         if pooled is not None:
             queries = queries + pooled[:, None, :]
@@ -260,50 +317,11 @@ class ISTR(nn.Module):
         x0, y0 = x0.clamp(0, w - 1), y0.clamp(0, h - 1)
         return torch.stack([x0, y0, torch.maximum(x1.clamp(max=w), x0 + 1), torch.maximum(y1.clamp(max=h), y0 + 1)], 1)
 
-    # ------------------------------------------------------------------ training targets
-    def _check_targets(self, targets: Any, sizes: list[tuple[int, int]]) -> None:
-        if not isinstance(targets, (list, tuple)) or len(targets) != len(sizes):
-            raise ValueError(f"targets must be a list with one dict per image ({len(sizes)}), "
-                             f"got {type(targets).__name__}" + (f" of length {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
-        for i, (t, (h, w)) in enumerate(zip(targets, sizes)):
-            if not isinstance(t, dict) or not {"boxes", "labels", "masks"} <= set(t):
-                raise ValueError(f"targets[{i}] must be a dict with 'boxes', 'labels' and 'masks', got "
-                                 f"{sorted(t) if isinstance(t, dict) else type(t).__name__}")
-            boxes, labels, masks = t["boxes"], t["labels"], t["masks"]
-            for key, val in (("boxes", boxes), ("labels", labels), ("masks", masks)):
-                if not isinstance(val, torch.Tensor):
-                    raise TypeError(f"targets[{i}]['{key}'] must be a torch.Tensor, got {type(val).__name__}")
-            if boxes.ndim != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-                raise ValueError(f"targets[{i}]['boxes'] must be float [N, 4] absolute xyxy, got {boxes.dtype} "
-                                 f"{tuple(boxes.shape)}")
-            n = boxes.shape[0]
-            if labels.shape != (n,) or labels.dtype != torch.int64:
-                raise ValueError(f"targets[{i}]['labels'] must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
-            if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got values in "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
-            if masks.ndim != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (h, w):
-                raise ValueError(f"targets[{i}]['masks'] must be [{n}, {h}, {w}] (one full-image mask per box, the "
-                                 f"image's size), got {tuple(masks.shape)}")
-            if n and not torch.isfinite(boxes).all():
-                raise ValueError(f"targets[{i}]['boxes'] contain non-finite values")
-
-    def _prepare_targets(self, targets: list[dict[str, torch.Tensor]], original_sizes: list[tuple[int, int]],
-                         sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """Crop GT masks by GT boxes at the original resolution to M x M, rescale boxes to the resized input."""
-        device, m = self.query_boxes.device, self.codec.mask_size
-        prepared = []
-        for t, orig, size in zip(targets, original_sizes, sizes):
-            boxes = t["boxes"].to(device=device, dtype=torch.float32)
-            grids = crop_masks(t["masks"].to(device), boxes, m)
-            prepared.append({"boxes": ImageTransform.scale_boxes(boxes, orig, size),
-                             "labels": t["labels"].to(device), "mask_grids": grids,
-                             "image_size": torch.tensor(size, dtype=torch.float32, device=device)})
-        return prepared
-
     # ------------------------------------------------------------------ inference
-    def _postprocess(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int, table: PyramidTable,
-                     sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def _detections(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int,
+                    table: PyramidTable) -> list[dict[str, torch.Tensor]]:
+        """Top detections of one stage on the resized input: per image {"boxes" [N, 4], "labels", "scores",
+        "mask_grids" [N, M, M]} (ImageTransform.postprocess maps them to the original images)."""
         out = stage_outputs[stage_id]
         logits = out["logits"]
         if self.stage_logit_average and stage_id == self.num_stages - 1:
@@ -318,17 +336,7 @@ class ISTR(nn.Module):
         # only the kept detections run the mask branch (duplicated queries are cheap: at most `top` rows)
         embeds = self.stages[stage_id].mask_embeds(queries, boxes, table)
         grids = self.codec.decode(embeds.reshape(b * top, -1).float()).view(b, top, *([self.codec.mask_size] * 2))
-        results = []
-        for i, (size, (h, w)) in enumerate(zip(sizes, original_sizes)):
-            bx = ImageTransform.scale_boxes(boxes[i], size, (h, w))
-            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], 1)
-            keep = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])  # detectron2 drops boxes empty after clipping
-            masks = paste_masks(grids[i][keep], bx[keep], (h, w))
-            if self.mask_threshold is not None:
-                masks = (masks >= self.mask_threshold).float()
-            results.append({"boxes": bx[keep], "labels": labels[i][keep], "scores": scores[i][keep],
-                            "masks": masks[:, None]})
-        return results
+        return [{"boxes": boxes[i], "labels": labels[i], "scores": scores[i], "mask_grids": grids[i]} for i in range(b)]
 
     def _check_codec(self) -> None:
         if not self.codec.is_fitted:
@@ -339,16 +347,3 @@ class ISTR(nn.Module):
         out_dim = branch[-1].out_features if isinstance(branch, nn.Sequential) else branch.convs[-1].out_channels
         if out_dim != self.codec.dim:  # e.g. model.codec replaced after construction
             raise ValueError(f"the mask head outputs {out_dim}-d embeddings but the codec has dim {self.codec.dim}")
-
-
-def _criterion_config(criterion: nn.Module | None) -> dict[str, Any] | None:
-    """{"losses": {...}, "costs": {...}} of a SetCriterion/HungarianMatcher pair, when they expose them."""
-    if criterion is None:
-        return None
-    losses = getattr(criterion, "losses", None) or getattr(criterion, "weights", None)
-    matcher = getattr(criterion, "matcher", None)
-    costs = getattr(matcher, "costs", None) or getattr(matcher, "weights", None)
-    if not isinstance(losses, dict) or not isinstance(costs, dict):
-        return None
-    return {"losses": dict(losses), "costs": dict(costs)}
-

@@ -1,0 +1,94 @@
+"""Trainer callbacks: the time budget, periodic evaluation and checkpoints, and a step timer, as public hooks.
+
+A callback overrides any of on_train_start(trainer), on_step_end(trainer, losses) and on_train_end(trainer).
+It may read the trainer's public state (iteration, epoch, cfg, module, out_dir, elapsed, last_step_seconds,
+is_main) and call trainer.stop(reason), trainer.evaluate(), trainer.save_checkpoint() and trainer.log(record).
+TrainConfig's max_minutes, checkpoint_every and eval_every install the built-in ones below.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+__all__ = ["Callback", "TimeBudget", "PeriodicCheckpoint", "PeriodicEvaluation", "StepTimer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_train_start(self, trainer: Any) -> None:
+        pass
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Any) -> None:
+        pass
+
+
+class TimeBudget(Callback):
+    """Stop when the next step would end past `minutes` of training time (time of resumed runs included)."""
+
+    def __init__(self, minutes: float) -> None:
+        if minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        self.seconds = 60.0 * minutes
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        if trainer.elapsed + 0.5 * trainer.last_step_seconds >= self.seconds:
+            trainer.stop("time_budget")
+
+
+class PeriodicCheckpoint(Callback):
+    """trainer.save_checkpoint() every `every` iterations."""
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        if self.every and trainer.iteration % self.every == 0:
+            trainer.save_checkpoint()
+
+
+class PeriodicEvaluation(Callback):
+    """trainer.evaluate() every `every` iterations (a no-op without a validation set)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        if self.every and trainer.iteration % self.every == 0:
+            trainer.evaluate()
+
+
+class StepTimer(Callback):
+    """After `calibrate` steps, print the seconds per step and the expected time to cfg.max_iters; later, warn
+    (once per `warn_every` steps at most) when a step takes over `slow_factor` x the median of the steps so far,
+    which on a CPU usually means other processes are competing for it."""
+
+    def __init__(self, calibrate: int = 10, slow_factor: float = 3.0, warn_every: int = 50, echo=print) -> None:
+        self.calibrate, self.slow_factor, self.warn_every, self.echo = int(calibrate), float(slow_factor), int(warn_every), echo
+        self.times: list[float] = []
+        self.last_warning = -10**9
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        self.times.append(trainer.last_step_seconds)
+        if not trainer.is_main:
+            return
+        n, median = len(self.times), statistics.median(self.times)
+        if n == self.calibrate:
+            total = trainer.cfg.max_iters
+            left = "" if total is None else (f"; {total - trainer.iteration} steps to go, expected "
+                                              f"{(total - trainer.iteration) * median / 60:.1f} min more")
+            self.echo(f"{median:.2f} s per training step (median of the first {n}){left}")
+            trainer.log({"iter": trainer.iteration, "event": "speed", "seconds_per_iter": round(median, 4)})
+        elif (n > self.calibrate and self.times[-1] > self.slow_factor * median
+              and trainer.iteration - self.last_warning >= self.warn_every):
+            self.last_warning = trainer.iteration
+            self.echo(f"warning: step {trainer.iteration} took {self.times[-1]:.2f} s, {self.times[-1] / median:.1f}x "
+                      f"the median {median:.2f} s: is another process using the CPU?")
+            trainer.log({"iter": trainer.iteration, "event": "slow_step", "seconds": round(self.times[-1], 4),
+                         "median": round(median, 4)})

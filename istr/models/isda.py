@@ -1,0 +1,181 @@
+"""ISDA: a deformable DETR decoder gives, per query, class logits and a dynamic 1x1 kernel over a shared
+high-resolution mask feature map; set prediction without boxes, codec or NMS (Ying et al., ICASSP 2022)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from istr.io import register_architecture
+from istr.losses.criterion import criterion_config, criterion_from_config
+from istr.losses.targets import check_targets, mask_targets
+from istr.models.backbone import build_backbone
+from istr.models.deformable import DeformableTransformer, level_masks
+from istr.models.isda_heads import KernelHead, MaskFeatureHead, mask_logits
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
+
+__all__ = ["ISDA", "ISDA_COSTS", "ISDA_LOSSES"]
+
+ISDA_COSTS = {"focal": 2.0, "mask_iou": 3.0}  # the reference's FocalLossCost + MaskIoUCost
+ISDA_LOSSES = {"focal": 2.0, "mask_dice": 3.0}  # sigmoid focal + dice, on every decoder layer
+
+
+@register_architecture("isda")
+class ISDA(nn.Module):
+    """Instance Segmentation with Deformable Attention, from the library's parts.
+
+    model(images, targets=None, all_stages=False) exactly as ISTR: a dict of losses in train mode (targets in
+    the torchvision format), results [{"boxes", "labels", "scores", "masks" [N, 1, H, W]}] at the original sizes
+    in eval mode; all_stages=True gives every decoder layer's results from one forward.
+
+    backbone: 5 maps P2..P6 (strides 4..64, e.g. istr.models.Backbone with neck="channel_mapper"); the
+    transformer reads P3..P6, the mask feature representation (MFR) P2..P5. criterion: a SetCriterion with
+    ISDA_COSTS / ISDA_LOSSES (needed only for training); every decoder layer is matched and supervised.
+    The poster's ablations are arguments: `mask_stride` 8 | 4 | 2 (MFR resolution), `mask_position`
+    (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
+    As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
+    come from the query embedding alone. Boxes are the tight boxes of the predicted masks.
+    """
+
+    # construction keys that may differ when loading weights into an existing model
+    inference_options = frozenset({"preset", "criterion", "min_size", "max_size", "train_min_sizes",
+                                   "detections_per_image", "mask_threshold"})
+    lr_multipliers = {"sampling_offsets": 0.1, "reference_points": 0.1}  # the reference recipe (x backbone's own)
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 80, *, criterion: nn.Module | None = None,
+                 hidden_dim: int = 256, num_queries: int = 300, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
+                 num_points: int = 4, mask_feat_dim: int = 128, mask_dim: int = 256, mask_stride: int = 4,
+                 mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
+                 detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
+                 min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
+                 size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
+                 pixel_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("num_queries", num_queries), ("hidden_dim", hidden_dim),
+                            ("num_decoder_layers", num_decoder_layers), ("detections_per_image", detections_per_image)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for key in ("out_channels", "strides"):
+            if not hasattr(backbone, key):
+                raise TypeError(f"the backbone must expose `{key}` (see istr.models.backbone); "
+                                f"{type(backbone).__name__} does not")
+        strides = tuple(backbone.strides)
+        if strides != (4, 8, 16, 32, 64):
+            raise ValueError(f"ISDA needs the backbone's maps at strides (4, 8, 16, 32, 64) (P2..P6, e.g. "
+                             f"Backbone(..., neck='channel_mapper')), got {strides}")
+        if backbone.out_channels != hidden_dim:
+            raise ValueError(f"the backbone gives {backbone.out_channels}-channel maps but hidden_dim={hidden_dim}")
+        self.backbone, self.criterion = backbone, criterion
+        self.num_classes, self.num_queries = num_classes, num_queries
+        self.mask_stride, self.detections_per_image, self.mask_threshold = mask_stride, detections_per_image, mask_threshold
+        self.categories: list[dict[str, Any]] | None = None
+        self.transform = ImageTransform(min_size, max_size, train_min_sizes, size_divisible, pixel_mean, pixel_std)
+        self.transformer = DeformableTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim,
+                                                 dropout, n_levels=4, n_points=num_points, num_queries=num_queries)
+        self.mask_features = MaskFeatureHead(hidden_dim, mask_feat_dim, mask_dim, mask_stride, mask_position, num_groups)
+        self.kernel_head = KernelHead(hidden_dim, mask_dim, kernel_position)
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.hparams: dict[str, Any] = dict(
+            num_classes=num_classes, hidden_dim=hidden_dim, num_queries=num_queries,
+            num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers, num_heads=num_heads,
+            ffn_dim=ffn_dim, dropout=dropout, num_points=num_points, mask_feat_dim=mask_feat_dim, mask_dim=mask_dim,
+            mask_stride=mask_stride, mask_position=bool(mask_position), kernel_position=bool(kernel_position),
+            num_groups=num_groups, prior_prob=prior_prob, min_size=min_size, max_size=max_size,
+            train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
+            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
+
+    # ------------------------------------------------------------------ construction info
+    def config(self) -> dict[str, Any]:
+        """Plain-value description that rebuilds this model (istr.save_model stores it; from_config reads it)."""
+        cfg = dict(self.hparams, detections_per_image=self.detections_per_image, mask_threshold=self.mask_threshold)
+        bb_config = getattr(self.backbone, "config", None)
+        cfg["backbone"] = bb_config() if callable(bb_config) else None
+        cfg["criterion"] = criterion_config(self.criterion)
+        cfg["preset"] = getattr(self, "preset", None)
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ISDA":
+        """Rebuild an (untrained, pretrained=False) ISDA from a config() dict."""
+        config = dict(config)
+        backbone_cfg, crit_cfg, preset = config.pop("backbone"), config.pop("criterion", None), config.pop("preset", None)
+        if backbone_cfg is None:
+            raise ValueError("this model's backbone has no config() (not a registered backbone), so it cannot be "
+                             "rebuilt from the file: load the weights into a model you build: "
+                             "istr.load_model(path, model=...)")
+        criterion = criterion_from_config(crit_cfg, config["num_classes"])
+        model = cls(build_backbone(backbone_cfg), config.pop("num_classes"), criterion=criterion, **config)
+        if preset is not None:
+            model.preset = preset
+        return model
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of everything but the backbone (and its neck): transformer, MFR, kernel and class heads."""
+        skip = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                all_stages: bool = False) -> Any:
+        images = check_images(images)
+        device = self.class_embed.weight.device
+        if any(img.device != device for img in images):
+            raise ValueError(f"images must be on the model's device {device}, got {sorted({str(i.device) for i in images})}")
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        if self.training:
+            if all_stages:
+                raise ValueError("all_stages=True is an inference option; call model.eval() first")
+            if targets is None:
+                raise ValueError("training mode needs targets (list of dicts with boxes, labels, masks); "
+                                 "call model.eval() for inference")
+            if self.criterion is None:
+                raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
+            check_targets(targets, original_sizes, self.num_classes)
+        elif targets is not None:
+            raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
+                             "to compute losses, or drop the targets to predict")
+        batch, sizes = self.transform(images)
+        features = self.backbone(batch)
+        if len(features) != 5:
+            raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
+        masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in features[1:]], device=batch.device)
+        hs, reference_points, _ = self.transformer(features[1:], masks)  # hs [D, B, Q, d]
+        mfr = self.mask_features(features[:4])  # [B, K, h, w] at mask_stride
+        logits = self.class_embed(hs)  # [D, B, Q, C]
+        kernels = self.kernel_head(hs, reference_points)  # [D, B, Q, K]
+        if self.training:
+            layers = [{"logits": logits[d], "mask_logits": mask_logits(kernels[d], mfr)} for d in range(len(hs))]
+            prepared = mask_targets(targets, sizes, tuple(batch.shape[-2:]), self.mask_stride, device)
+            if prepared and prepared[0]["masks"].shape[-2:] != layers[0]["mask_logits"].shape[-2:]:
+                raise ValueError(f"mask targets {tuple(prepared[0]['masks'].shape[-2:])} and mask logits "
+                                 f"{tuple(layers[0]['mask_logits'].shape[-2:])} are on different grids")
+            return self.criterion(layers, prepared, None)
+        layer_ids = range(len(hs)) if all_stages else [len(hs) - 1]
+        results = [self.transform.postprocess(self._detections(logits[d], kernels[d], mfr), sizes, original_sizes,
+                                              self.mask_threshold, self.mask_stride) for d in layer_ids]
+        return results if all_stages else results[0]
+
+    def _detections(self, logits: torch.Tensor, kernels: torch.Tensor, mfr: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Top detections of one decoder layer: top-k over Q x C sigmoid scores (a query may give several
+        classes), masks = sigmoid(kernel . MFR) of the kept queries, scores x maskness (the mean probability
+        inside the mask binarised at mask_threshold, as SOLOv2), re-sorted; queries whose mask is empty are dropped
+        -> per image {"labels", "scores", "mask_maps"}."""
+        b, q, c = logits.shape
+        top = min(self.detections_per_image, q * c)
+        scores, index = logits.sigmoid().flatten(1).topk(top, dim=1)
+        labels, query = index % c, torch.div(index, c, rounding_mode="floor")
+        kept = torch.gather(kernels, 1, query[..., None].expand(-1, -1, kernels.shape[-1]))  # [B, top, K]
+        probs = mask_logits(kept, mfr).sigmoid()  # [B, top, h, w]
+        binary = (probs >= self.mask_threshold).to(probs.dtype)
+        maskness = (probs * binary).flatten(2).sum(-1) / binary.flatten(2).sum(-1).clamp(min=1.0)
+        scores = scores * maskness
+        detections = []
+        for i in range(b):
+            keep = torch.nonzero(maskness[i] > 0).flatten()
+            keep = keep[scores[i][keep].argsort(descending=True, stable=True)]
+            detections.append({"labels": labels[i][keep], "scores": scores[i][keep], "mask_maps": probs[i][keep]})
+        return detections

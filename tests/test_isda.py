@@ -1,0 +1,185 @@
+"""ISDA from the library's parts: presets, poster switches, train/eval contract, save/load, errors, shared engine."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import istr
+from istr.errors import NonFiniteError
+from istr.models import ISDA
+from test_models import make_batch
+
+TINY = dict(num_queries=8, num_encoder_layers=1, num_decoder_layers=2, hidden_dim=32, num_heads=4, ffn_dim=64,
+            mask_feat_dim=16, mask_dim=32, num_groups=8, detections_per_image=10, min_size=64, max_size=96,
+            train_min_sizes=(64,))
+
+
+def tiny_isda(num_classes: int = 3, **overrides) -> ISDA:
+    torch.manual_seed(0)
+    return istr.create_model("isda_tiny", num_classes=num_classes, **{**TINY, **overrides})
+
+
+def test_one_name_switches_the_family():
+    assert {"isda_r50", "isda_tiny"} <= set(istr.list_models("isda*"))
+    model = tiny_isda()
+    assert isinstance(model, ISDA) and model.preset == "isda_tiny"
+    assert model.backbone.strides == (4, 8, 16, 32, 64)  # P2..P6 from the channel mapper
+    assert model.criterion.matcher.costs == {"focal": 2.0, "mask_iou": 3.0}
+    assert model.criterion.losses == {"focal": 2.0, "mask_dice": 3.0}
+    with pytest.raises(ValueError, match="takes no codec"):
+        istr.create_model("isda_tiny", codec=istr.create_codec("dct", mask_size=16, dim=12))
+
+
+def test_isda_r50_head_parameter_count():
+    """Transformer 10,819,586 (6 + 6 layers, level embed, 300 x 512 query embedding, reference Linear), MFR
+    1,659,392 (bias-free convs + GN, 258 inputs at P5), kernel MLP 196,862, class Linear 20,560."""
+    model = istr.create_model("isda_r50", num_classes=80)
+    assert sum(p.numel() for p in model.transformer.parameters()) == 10_819_586
+    assert sum(p.numel() for p in model.mask_features.parameters()) == 1_659_392
+    assert sum(p.numel() for p in model.head_parameters()) == 12_696_400
+    print("isda_r50 head parameters:", sum(p.numel() for p in model.head_parameters()))
+
+
+def _train_step(model: nn.Module) -> dict:
+    model.train()
+    images, targets = make_batch(model.num_classes)
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss"]), losses
+    losses["loss"].backward()
+    return losses
+
+
+@pytest.mark.parametrize("options", [{}, {"mask_stride": 8}, {"mask_stride": 2}, {"mask_position": False},
+                                     {"kernel_position": False}, {"mask_position": False, "kernel_position": False}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_poster_switches_build_train_and_evaluate(options):
+    model = tiny_isda(**options)
+    losses = _train_step(model)
+    assert set(losses) == {"loss"} | {f"{t}_s{d}" for t in ("focal", "mask_dice") for d in range(2)}  # every layer
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    model.eval()
+    images, _ = make_batch()
+    with torch.no_grad():
+        results = model(images)
+        per_layer = model(images, all_stages=True)
+    assert len(per_layer) == 2
+    for res, img in zip(results, images):
+        h, w = img.shape[1:]
+        n = len(res["scores"])
+        assert n <= 10 and res["masks"].shape == (n, 1, h, w) and res["boxes"].shape == (n, 4)
+        assert set(res["masks"].unique().tolist()) <= {0.0, 1.0}
+        assert (res["scores"][:-1] >= res["scores"][1:]).all()
+        b, m = res["boxes"], res["masks"][:, 0].bool()
+        for k in range(n):  # boxes are the masks' tight boxes
+            ys, xs = torch.nonzero(m[k], as_tuple=True)
+            assert b[k].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_mask_stride_sets_the_mask_logits_grid():
+    for stride in (8, 4, 2):
+        model = tiny_isda(mask_stride=stride).eval()
+        batch = torch.rand(1, 3, 64, 96)
+        mfr = model.mask_features(model.backbone(batch)[:4])
+        assert mfr.shape[-2:] == (64 // stride, 96 // stride)
+
+
+def test_save_load_reproduces_outputs_exactly(tmp_path):
+    model = tiny_isda(mask_stride=8, kernel_position=False)
+    _train_step(model)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.eval()
+    images, _ = make_batch()
+    with torch.no_grad():
+        before = model(images, all_stages=True)
+    istr.save_model(model, tmp_path / "isda.safetensors")
+    loaded = istr.load_model(tmp_path / "isda.safetensors")
+    assert type(loaded) is ISDA and loaded.config() == model.config() and not loaded.training
+    with torch.no_grad():
+        after = loaded(images, all_stages=True)
+    for layer_a, layer_b in zip(before, after):
+        for ra, rb in zip(layer_a, layer_b):
+            assert all(torch.equal(ra[k], rb[k]) for k in ra)
+    with pytest.raises(TypeError, match="'isda' model"):
+        istr.load_model(tmp_path / "isda.safetensors", model=istr.create_model(
+            "istr_tiny", num_classes=3, codec=istr.create_codec("dct", mask_size=16, dim=12)))
+
+
+def test_bad_input_gets_the_same_clear_errors_as_istr():
+    model = tiny_isda().train()
+    images, targets = make_batch()
+    bad = [images[0].clone(), images[1]]
+    bad[0][0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"images\[0\] contains NaN"):
+        model(bad, targets)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*divide by 255"):
+        model([images[0] * 255, images[1]], targets)
+    with pytest.raises(ValueError, match="labels"):
+        model(images, [{**targets[0], "labels": torch.tensor([0, 7])}, targets[1]])
+    with pytest.raises(ValueError, match="empty or inverted"):
+        model(images, [{**targets[0], "boxes": targets[0]["boxes"].flip(1)}, targets[1]])
+    model.eval()
+    with pytest.raises(ValueError, match="eval mode"):
+        model(images, targets)
+    with pytest.raises(ValueError, match="strides"):
+        ISDA(istr.models.Backbone("resnet18", out_channels=32), num_classes=3, hidden_dim=32)
+
+
+class ToyModel(nn.Module):
+    """A third model family defined outside the package: one mask logit map per class, no matching at all."""
+
+    def __init__(self, num_classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes, self.width, self.categories = num_classes, width, None
+        self.net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, num_classes, 1))
+
+    def config(self) -> dict:
+        return {"num_classes": self.num_classes, "width": self.width}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ToyModel":
+        return cls(**config)
+
+    def forward(self, images, targets=None):
+        logits = [self.net(img[None])[0] for img in images]  # [C, H, W] per image
+        if self.training:
+            loss = sum(nn.functional.binary_cross_entropy_with_logits(
+                lg, torch.stack([(t["masks"][t["labels"] == c].sum(0) > 0).float() for c in range(self.num_classes)]))
+                for lg, t in zip(logits, targets))
+            return {"loss": loss / len(images)}
+        results = []
+        for lg in logits:
+            masks = (lg.sigmoid() > 0.5).float()[:, None]
+            results.append({"boxes": torch.zeros(self.num_classes, 4), "labels": torch.arange(self.num_classes),
+                            "scores": lg.sigmoid().flatten(1).amax(1), "masks": masks})
+        return results
+
+
+def test_a_model_family_registered_from_outside_trains_saves_and_loads(tmp_path):
+    from train_utils import datasets, make_data
+
+    from istr.engine import TrainConfig, train
+
+    istr.register_architecture("toy_test")(ToyModel)
+    try:
+        paths = make_data(tmp_path / "data", num_train=4, num_val=2)
+        train_set, _ = datasets(paths)
+        torch.manual_seed(0)
+        model = ToyModel(num_classes=train_set.num_classes)
+        cfg = TrainConfig(lr=1e-2, batch_size=2, max_iters=3, warmup_iters=0, checkpoint_every=2, progress=False,
+                          device="cpu", eval_at_end=False)
+        result = train(model, train_set, cfg, out_dir=tmp_path / "run")
+        assert result.iterations == 3 and model.categories[0] == {"id": 1, "name": "ellipse"}
+        loaded = istr.load_model(result.model_path)
+        assert isinstance(loaded, ToyModel) and loaded.categories == model.categories
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        resumed = train(ToyModel(num_classes=train_set.num_classes), train_set,
+                        TrainConfig(**{**cfg.__dict__, "max_iters": 4}), out_dir=tmp_path / "run", resume=True)
+        assert resumed.iterations == 4
+        log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+        assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    finally:
+        istr.io.ARCHITECTURES.unregister("toy_test")
