@@ -97,14 +97,15 @@ class MaskCodec(nn.Module):
         return self.decode(self.encode(grids))
 
     def save(self, path: str | Path) -> None:
-        """Write everything fit() learned plus the constructor arguments to one safetensors file."""
-        from safetensors.torch import save_file
+        """Write everything fit() learned plus the constructor arguments to one safetensors file.
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        The file appears atomically, readable as an ordinary new file is (0o666 & ~umask; see istr.fileio).
+        """
+        from istr.io import write_safetensors
+
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "codec": self.codec_name,
                 "config": json.dumps(self.config())}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
+        write_safetensors(path, self.state_dict(), meta)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -182,7 +183,11 @@ def list_codecs(pattern: str = "*") -> list[str]:
 
 def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | None = None,
                map_location: str | torch.device = "cpu") -> MaskCodec:
-    """Load a codec written by MaskCodec.save. Pass mask_size/dim to insist on a particular M and l."""
+    """Load a codec written by MaskCodec.save. Pass mask_size/dim to insist on a particular M and l.
+
+    FileNotFoundError for a missing file, PermissionError for one this user cannot read, ValueError for a file that
+    is not an istr codec.
+    """
     from istr.io import read_safetensors
 
     path = Path(path)

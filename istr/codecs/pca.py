@@ -7,14 +7,26 @@ M^4 numbers, whatever the number of masks. Options:
 - logit_space: MEInst's soft inverse-sigmoid preprocessing, done deterministically: x -> eps + (1-2 eps) x,
   then logit; decode applies the sigmoid. The original draws eps at random per pixel on every call
   (mean about 0.026); a fixed eps makes encodings reproducible.
+Degenerate fits: N masks give at most N-1 components with any variance. With whiten=True, fewer masks than `dim`
+is a ValueError. Otherwise, and whenever components have variance below MIN_VARIANCE_RATIO of the largest (or of a
+0/1 coin-flip pixel's variance, when the masks barely vary at all), a warning names how many, and their explained
+variance is floored there, so whitened encodings of unseen masks stay bounded (a healthy fit's variances lie far
+above the floor and are unchanged). Unwhitened encodings are projections, bounded in any case.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Iterable
 
 import torch
 
 from istr.codecs.base import MaskCodec, register_codec
+
+
+# components with explained variance below this fraction of the largest are "near zero": warned about, and floored
+# here. Real COCO masks at M=28: the 60th component carries ~6e-3 of the first, the 600th ~5e-5, the 784th ~1e-5.
+MIN_VARIANCE_RATIO = 1e-5
 
 
 @register_codec("pca")
@@ -51,17 +63,38 @@ class PCACodec(MaskCodec):
             second += x.T @ x
         if n < 2:
             raise ValueError(f"PCA needs at least 2 masks to fit, got {n}")
+        if n < self.dim and self.whiten:
+            raise ValueError(f"whitened PCA with dim l={self.dim} needs at least {self.dim} masks to fit (N masks give "
+                             f"at most N-1 components with any variance to whiten), got {n} masks; fit on more masks "
+                             "or lower dim")
         mean = total / n
         cov = (second - n * torch.outer(mean, mean)) / (n - 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals.flip(0)[: self.dim], evecs.flip(1)[:, : self.dim].T  # [l], [l, p]
+        evals = self._floor_variance(evals, n)
         # deterministic signs (as sklearn's svd_flip): the largest-magnitude entry of each axis is positive
         signs = torch.sign(evecs.gather(1, evecs.abs().argmax(1, keepdim=True)))
         evecs = evecs * signs
         dev = self.mean.device
         self.mean.copy_(mean.to(dev))
         self.components.copy_(evecs.to(dev))
-        self.explained_variance.copy_(evals.clamp_min(1e-12).to(dev))
+        self.explained_variance.copy_(evals.to(dev))
+
+    def _floor_variance(self, evals: torch.Tensor, n: int) -> torch.Tensor:
+        """Warn about near-zero-variance components [l] and floor them (bounded whitening); returns the floored [l]."""
+        # the variance of a pixel that is 0 or 1 with even odds, in the space PCA runs in: a scale that does not
+        # vanish when every mask is the same
+        coin = math.log((1 - self.logit_eps) / self.logit_eps) ** 2 if self.logit_space else 0.25
+        floor = MIN_VARIANCE_RATIO * max(float(evals[0]), coin)
+        small = int((evals < floor).sum())
+        if small:
+            what = ("the masks are (nearly) identical" if small == self.dim else
+                    f"the masks span fewer than {self.dim} directions")
+            warnings.warn(f"PCA fit on {n} masks: {small} of {self.dim} components have near-zero variance "
+                          f"(below {floor:.3g}, {MIN_VARIANCE_RATIO:g} of the largest; {what}); their variance is "
+                          "floored there so whitened encodings stay bounded. Fit on more varied masks or lower dim.",
+                          stacklevel=4)
+        return evals.clamp_min(floor)
 
     def _encode(self, grids: torch.Tensor) -> torch.Tensor:
         z = (self._preprocess(grids) - self.mean) @ self.components.T

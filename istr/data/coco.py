@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from istr.ops.masks import rasterize
 
-__all__ = ["CocoInstances", "collate_fn", "load_image", "load_coco_json"]
+__all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "load_coco_json", "read_coco_annotations",
+           "describe_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as RGB float [3, H, W] in [0, 1] (PIL; grayscale/RGBA/palette converted to RGB).
+    """Read an image file as RGB float [3, H, W] in [0, 1] (PIL; modes converted as pil_to_tensor does).
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for an empty or undecodable one.
     PIL rather than torchvision.io: torchvision's image decoders are deprecated since 0.29.
@@ -40,10 +41,57 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
         with Image.open(path) as pil:
-            array = np.array(pil.convert("RGB"), dtype=np.uint8)
+            pil.load()
+            mode, array = _pil_array(pil)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise ValueError(f"cannot decode image file {path}: {e}") from e
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return _array_to_tensor(array, mode, str(path))
+
+
+def pil_to_tensor(image: Any) -> torch.Tensor:
+    """A PIL image -> RGB float [3, H, W] in [0, 1].
+
+    8-bit modes (L, RGB, RGBA/LA (alpha dropped), P, CMYK, 1, YCbCr, ...) are converted to RGB and divided by 255;
+    16-bit grayscale (I;16*) is divided by 65535, as is 32-bit integer grayscale (I, what some readers give 16-bit
+    files) whose values fit in [0, 65535]; 32-bit float grayscale (F) is taken as is when in [0, 1] and divided by
+    255 when in [0, 255]. Other I/F ranges raise ValueError (convert such images to 8 or 16 bits first).
+    """
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    mode, array = _pil_array(image)
+    return _array_to_tensor(array, mode, "PIL image")
+
+
+def _pil_array(pil: Any) -> tuple[str, np.ndarray]:
+    """(mode, array): the 16/32-bit integer or float grayscale array [H, W] as it is, else uint8 RGB [H, W, 3]."""
+    if pil.mode.startswith(("I", "F")):
+        return pil.mode, np.array(pil)
+    return pil.mode, np.array(pil.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_tensor(array: np.ndarray, mode: str, name: str) -> torch.Tensor:
+    if array.dtype == np.uint8 and array.ndim == 3:
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    values = array.astype(np.float32)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name}: float image (PIL mode F) with non-finite pixels")
+        if lo >= 0 and hi <= 1:
+            scale = 1.0
+        elif lo >= 0 and hi <= 255:
+            scale = 255.0
+        else:
+            raise ValueError(f"{name}: float image (PIL mode F) with values in [{lo:g}, {hi:g}]; expected [0, 1] or "
+                             "[0, 255]: rescale it to an 8 or 16-bit image first")
+    else:  # I;16, I;16B, I;16L, I;16N, I
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{name}: integer image (PIL mode {mode}) with values in [{lo:g}, {hi:g}]; expected "
+                             "16-bit values in [0, 65535]: rescale it to an 8 or 16-bit image first")
+        scale = 65535.0
+    return torch.from_numpy(values / scale)[None].expand(3, -1, -1).contiguous()
 
 
 def load_coco_json(ann_file: str | Path) -> COCO:
@@ -108,10 +156,121 @@ def _check_entries(path: Path, data: dict) -> None:
                          f"(annotation ids {bad_cat[:5]})")
 
 
-def _valid_segmentation(seg: Any) -> bool:
+# ------------------------------------------------------------------------------------------ the annotation reader
+ANNOTATION_STATS: tuple[str, ...] = (
+    "annotations_total", "crowd_annotations", "boxes_from_segmentation", "clipped_boxes",
+    "dropped_degenerate_boxes", "dropped_invalid_segmentations", "instances")  # fmt: skip
+
+
+def _segmentation_problem(seg: Any, h: int, w: int) -> str | None:
+    """None if `seg` is a usable COCO segmentation for an h x w image, else what is wrong with it."""
+    if isinstance(seg, list):  # (coordinates are checked when rasterised: checking each here costs seconds on COCO)
+        if not all(isinstance(p, list) for p in seg):
+            return "polygons must be lists of coordinates"
+        if not any(len(p) >= 6 for p in seg):
+            return "no polygon with >= 3 points"
+        return None
+    if isinstance(seg, dict):
+        if "counts" not in seg or "size" not in seg:
+            return "an RLE needs 'counts' and 'size'"
+        if not isinstance(seg["size"], (list, tuple)) or list(seg["size"]) != [h, w]:
+            return f"RLE size {seg['size']!r} differs from the image size {[h, w]}"
+        if not isinstance(seg["counts"], (str, bytes, list)):
+            return f"RLE counts must be a string or a list, got {type(seg['counts']).__name__}"
+        return None
+    return f"expected a polygon list or an RLE dict, got {type(seg).__name__}"
+
+
+def _segmentation_bbox(seg: list | dict, h: int, w: int) -> list[float]:
+    """[x, y, w, h] bounds of a valid segmentation: the polygons' bounds (as COCO's own boxes), or the RLE's."""
     if isinstance(seg, list):
-        return any(isinstance(p, list) and len(p) >= 6 for p in seg)
-    return isinstance(seg, dict) and "counts" in seg and "size" in seg
+        xs = [v for p in seg if len(p) >= 6 for v in p[0::2]]
+        ys = [v for p in seg if len(p) >= 6 for v in p[1::2]]
+        return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+    return [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def read_coco_annotations(coco: COCO, *, min_box_size: float = 1.0,
+                          include_crowd: bool = False) -> tuple[list[dict], dict[str, int]]:
+    """The one reader of a loaded COCO json (load_coco_json), used by CocoInstances and codec fitting alike.
+
+    Returns (images, stats). images: one {"id", "file_name", "height", "width", "anns"} per json image, in id
+    order; "anns" lists the usable annotations as {"id", "category_id", "iscrowd", "box": [x0, y0, x1, y1] (floats,
+    clipped to the image), "segmentation"}. One policy, counted in stats (ANNOTATION_STATS):
+    crowd annotations (iscrowd=1) are left out unless include_crowd ("crowd_annotations" counts them either way);
+    a missing or unusable segmentation (no polygon with >= 3 points, an RLE whose size is not the image's, ...) is
+    dropped ("dropped_invalid_segmentations"); a missing bbox is taken from the segmentation (COCO allows it;
+    "boxes_from_segmentation"); the box is clipped to the image ("clipped_boxes") and dropped when the clipped box
+    is narrower or shorter than min_box_size pixels, or the json box is malformed or empty
+    ("dropped_degenerate_boxes"). "instances" counts what is kept. Masks that rasterise empty are found only when
+    rasterised: CocoInstances and coco_mask_grids drop them then ("dropped_empty_masks").
+    """
+    if min_box_size < 0:
+        raise ValueError(f"min_box_size must be >= 0, got {min_box_size}")
+    stats = dict.fromkeys(ANNOTATION_STATS, 0)
+    images = []
+    for img in sorted(coco.dataset["images"], key=lambda im: im["id"]):
+        h, w = int(img["height"]), int(img["width"])
+        anns = []
+        for ann in coco.imgToAnns.get(img["id"], []):
+            stats["annotations_total"] += 1
+            crowd = bool(ann.get("iscrowd", 0))
+            if crowd:
+                stats["crowd_annotations"] += 1
+                if not include_crowd:
+                    continue
+            seg = ann.get("segmentation")
+            if _segmentation_problem(seg, h, w) is not None:
+                stats["dropped_invalid_segmentations"] += 1
+                continue
+            bbox = ann.get("bbox")
+            if bbox is None:
+                try:
+                    bbox = _segmentation_bbox(seg, h, w)
+                except (TypeError, ValueError):  # coordinates that are not numbers, an undecodable RLE
+                    stats["dropped_invalid_segmentations"] += 1
+                    continue
+                stats["boxes_from_segmentation"] += 1
+            box = _clip_box(bbox, h, w, min_box_size, stats)
+            if box is None:
+                stats["dropped_degenerate_boxes"] += 1
+                continue
+            anns.append({"id": ann["id"], "category_id": ann["category_id"], "iscrowd": int(crowd), "box": box,
+                         "segmentation": seg})  # fmt: skip
+        stats["instances"] += len(anns)
+        images.append({"id": int(img["id"]), "file_name": img["file_name"], "height": h, "width": w, "anns": anns})
+    return images, stats
+
+
+def _clip_box(bbox: Any, h: int, w: int, min_box_size: float, stats: dict[str, int]) -> list[float] | None:
+    """COCO [x, y, w, h] -> xyxy clipped to the image, or None when malformed, empty or thinner than min_box_size."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+        return None
+    x0, y0, bw, bh = (float(v) for v in bbox)
+    box = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x0 + bw, 0.0), w), min(max(y0 + bh, 0.0), h)]
+    if box != [x0, y0, x0 + bw, y0 + bh]:
+        stats["clipped_boxes"] += 1
+    if box[2] - box[0] < min_box_size or box[3] - box[1] < min_box_size or bw <= 0 or bh <= 0:
+        return None
+    return box
+
+
+def describe_stats(stats: dict[str, int]) -> str:
+    """One line summarising an annotation-reader stats dict (read_coco_annotations, CocoInstances.stats,
+    coco_mask_grids(..., return_stats=True)): kept, skipped and dropped counts."""
+    parts = [f"{stats.get('instances', 0)} of {stats.get('annotations_total', 0)} annotations used"]
+    for key, text in (("crowd_annotations", "crowd"), ("boxes_from_segmentation", "boxes taken from the mask"),
+                      ("clipped_boxes", "boxes clipped to the image"),
+                      ("dropped_degenerate_boxes", "dropped: degenerate box"),
+                      ("dropped_invalid_segmentations", "dropped: invalid segmentation"),
+                      ("dropped_empty_masks", "dropped: empty mask")):
+        if stats.get(key):
+            parts.append(f"{stats[key]} {text}")
+    return ", ".join(parts)
 
 
 class CocoInstances(Dataset):
@@ -123,12 +282,13 @@ class CocoInstances(Dataset):
     them through `dataset.coco`). COCO category ids map to contiguous labels sorted by id:
     `label_to_category_id[label]`, `category_id_to_label[cat_id]`, `category_names[label]`.
 
-    Boxes come from the json bbox, clipped to the image; an annotation whose clipped box is narrower or shorter
-    than `min_box_size` pixels, or whose segmentation is missing/invalid, is dropped (counts in `dataset.stats`,
-    plus one logged warning). An instance whose mask rasterises empty is dropped when loaded (counted in
-    `stats["dropped_empty_masks"]`, per process). Images without any usable non-crowd annotation are dropped
-    unless `include_empty=True` (the paper drops them for training; use include_empty=True for COCO-protocol
-    evaluation, which scores false positives on such images too).
+    Annotations are read by read_coco_annotations, the policy codec fitting (coco_mask_grids) shares: boxes come
+    from the json bbox (from the segmentation when the json has none), clipped to the image; an annotation whose
+    clipped box is narrower or shorter than `min_box_size` pixels, or whose segmentation is missing/invalid, is
+    dropped (counts in `dataset.stats`, plus one logged warning). An instance whose mask rasterises empty is
+    dropped when loaded (counted in `stats["dropped_empty_masks"]`, per process). Images without any usable
+    non-crowd annotation are dropped unless `include_empty=True` (the paper drops them for training; use
+    include_empty=True for COCO-protocol evaluation, which scores false positives on such images too).
     `transforms(image, target) -> (image, target)` (see istr.data.transforms) runs after loading.
     """
 
@@ -159,68 +319,32 @@ class CocoInstances(Dataset):
         self.category_names: list[str] = [str(c["name"]) for c in cats]
 
         self.stats: dict[str, int] = dict.fromkeys(
-            ["images_total", "images", "images_without_annotations", "annotations_total", "crowd_annotations",
-             "instances", "clipped_boxes", "dropped_degenerate_boxes", "dropped_invalid_segmentations",
-             "dropped_empty_masks"], 0)  # fmt: skip
+            ["images_total", "images", "images_without_annotations", *ANNOTATION_STATS, "dropped_empty_masks"], 0)
         self._records = self._build_records()
         self.ids: list[int] = [r["id"] for r in self._records]
         self._report()
 
     # ---------------------------------------------------------------- index building
     def _build_records(self) -> list[dict]:
-        s = self.stats
+        images, reader_stats = read_coco_annotations(self.coco, min_box_size=self.min_box_size)
+        self.stats.update(reader_stats)
         records = []
-        for img in sorted(self.coco.dataset["images"], key=lambda im: im["id"]):
-            h, w = int(img["height"]), int(img["width"])
-            anns = []
-            for ann in self.coco.imgToAnns.get(img["id"], []):
-                s["annotations_total"] += 1
-                if ann.get("iscrowd", 0):
-                    s["crowd_annotations"] += 1
-                    continue
-                if not _valid_segmentation(ann.get("segmentation")):
-                    s["dropped_invalid_segmentations"] += 1
-                    continue
-                box = self._clipped_box(ann, h, w)
-                if box is None:
-                    s["dropped_degenerate_boxes"] += 1
-                    continue
-                anns.append({"id": ann["id"], "box": box, "label": self.category_id_to_label[ann["category_id"]],
-                             "segmentation": ann["segmentation"]})  # fmt: skip
-            s["images_total"] += 1
-            if not anns:
-                s["images_without_annotations"] += 1
+        for img in images:
+            for ann in img["anns"]:
+                ann["label"] = self.category_id_to_label[ann["category_id"]]
+            if not img["anns"]:
+                self.stats["images_without_annotations"] += 1
                 if not self.include_empty:
                     continue
-            s["instances"] += len(anns)
-            records.append({"id": int(img["id"]), "file_name": img["file_name"], "height": h, "width": w, "anns": anns})
-        s["images"] = len(records)
+            records.append(img)
+        self.stats["images_total"] = len(images)
+        self.stats["images"] = len(records)
         return records
-
-    def _clipped_box(self, ann: dict, h: int, w: int) -> list[float] | None:
-        bbox = ann.get("bbox")
-        if bbox is None:  # no bbox in the json: take the segmentation's bounds
-            from pycocotools import mask as mask_utils
-
-            seg = ann["segmentation"]
-            rle = mask_utils.frPyObjects(seg if isinstance(seg, list) else [seg], h, w)
-            bbox = mask_utils.toBbox(mask_utils.merge(rle)).tolist()
-        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-            return None
-        x0, y0, bw, bh = (float(v) for v in bbox)
-        box = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x0 + bw, 0.0), w), min(max(y0 + bh, 0.0), h)]
-        if box != [x0, y0, x0 + bw, y0 + bh]:
-            self.stats["clipped_boxes"] += 1
-        if box[2] - box[0] < self.min_box_size or box[3] - box[1] < self.min_box_size or bw <= 0 or bh <= 0:
-            return None
-        return box
 
     def _report(self) -> None:
         s = self.stats
-        dropped = {k: s[k] for k in ("dropped_degenerate_boxes", "dropped_invalid_segmentations") if s[k]}
-        if dropped or s["clipped_boxes"]:
-            logger.warning("%s: clipped %d boxes to their image; dropped annotations: %s", self.ann_file,
-                           s["clipped_boxes"], dropped or "none")  # fmt: skip
+        if s["dropped_degenerate_boxes"] or s["dropped_invalid_segmentations"] or s["clipped_boxes"]:
+            logger.warning("%s: %s (dropped annotations are not targets)", self.ann_file, describe_stats(s))
         if s["images_without_annotations"]:
             what = "kept, include_empty=True" if self.include_empty else "dropped, include_empty=False"
             logger.info("%s: %d of %d images have no usable non-crowd annotation (%s)", self.ann_file,

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,63 @@ def _as_coco(coco_gt: COCO | str | Path | dict) -> COCO:
     raise TypeError(f"coco_gt must be a pycocotools COCO, a json path or a dict, got {type(coco_gt).__name__}")
 
 
+def _complete_ground_truth(coco_gt: COCO, iou_type: str) -> COCO:
+    """The ground truth as COCOeval needs it for `iou_type`: coco_gt itself when nothing is missing, else a copy.
+
+    COCOeval needs "bbox", "area" and "iscrowd" on every GT annotation, and for "segm" a segmentation it can
+    rasterise; COCO files may leave bbox and area to be derived from the segmentation (as istr's reader does).
+    Missing values are filled (bbox and area from the segmentation, area from the box when the segmentation is
+    unusable, iscrowd 0). For "segm", annotations whose segmentation is unusable (no polygon with >= 3 points, an
+    RLE of another size, ...) are left out, with a warning; the training reader drops them too. ValueError naming
+    the annotations that have neither a bbox nor a usable segmentation.
+    """
+    from istr.data.coco import _segmentation_bbox, _segmentation_problem
+
+    anns, images = coco_gt.dataset["annotations"], coco_gt.imgs
+
+    def usable(a: dict) -> bool:
+        img = images[a["image_id"]]
+        return _segmentation_problem(a.get("segmentation"), int(img["height"]), int(img["width"])) is None
+
+    unusable = [a["id"] for a in anns if iou_type == "segm" and not usable(a)]
+    if not unusable and all("bbox" in a and "area" in a and "iscrowd" in a for a in anns):
+        return coco_gt
+    if unusable:
+        logger.warning("segm evaluation leaves out %d ground-truth annotations whose segmentation cannot be "
+                       "rasterised (annotation ids %s)", len(unusable), unusable[:5])
+    filled, hopeless, skip = [], [], set(unusable)
+    for a in anns:
+        if a["id"] in skip:
+            continue
+        a = dict(a)
+        a.setdefault("iscrowd", 0)
+        img = images[a["image_id"]]
+        h, w = int(img["height"]), int(img["width"])
+        ok = usable(a)
+        if "bbox" not in a and ok:
+            a["bbox"] = _segmentation_bbox(a["segmentation"], h, w)
+        if "area" not in a and ok:
+            seg = a["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects([p for p in seg if len(p) >= 6], h, w))
+            else:
+                rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+            a["area"] = float(mask_utils.area(rle))
+        elif "area" not in a and "bbox" in a:
+            a["area"] = float(a["bbox"][2] * a["bbox"][3])
+        if "bbox" not in a or "area" not in a:
+            hopeless.append(a["id"])
+        filled.append(a)
+    if hopeless:
+        raise ValueError(f"{len(hopeless)} ground-truth annotations have neither a bbox nor a usable segmentation "
+                         f"to derive one from (annotation ids {hopeless[:5]}); COCOeval cannot score them")
+    complete = COCO()
+    complete.dataset = {**coco_gt.dataset, "annotations": filled}
+    with contextlib.redirect_stdout(io.StringIO()):
+        complete.createIndex()
+    return complete
+
+
 def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     """COCO.loadRes on a deep copy (loadRes mutates its input); an empty list gives an empty result set."""
     if not results:
@@ -116,9 +173,41 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
         return coco_gt.loadRes(copy.deepcopy(results))
 
 
+def _as_results(coco_results: Sequence[dict] | str | Path) -> list[dict]:
+    """COCO results (a list of dicts, or the path of a results json such as evaluate(results_path=...) writes)."""
+    if isinstance(coco_results, (str, Path)):
+        from istr.fileio import check_readable_file
+
+        path = check_readable_file(coco_results, "results json")
+        try:
+            with open(path, "rb") as f:
+                coco_results = json.load(f)
+        except json.JSONDecodeError as e:
+            where = f"line {e.lineno} column {e.colno}"
+            raise ValueError(f"results file {path} is not valid JSON: {e.msg} at {where}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"results file {path} is not UTF-8 text: {e}") from e
+        where = f"results file {path}"
+        if isinstance(coco_results, dict):
+            raise ValueError(f"{where}: expected a JSON list of detections [{{\"image_id\", \"category_id\", "
+                             f"\"score\", ...}}], got an object with keys {sorted(coco_results)[:8]} (a ground-truth "
+                             "file? pass it as coco_gt)")
+    else:
+        where = "coco_results"
+        if isinstance(coco_results, (dict, bytes)) or not isinstance(coco_results, Iterable):
+            raise TypeError(f"coco_results must be a list of result dicts or a results json path, got "
+                            f"{type(coco_results).__name__}")
+    results = list(coco_results)
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or any(k not in r for k in ("image_id", "category_id", "score")):
+            raise ValueError(f"{where}[{i}] must be an object with keys 'image_id', 'category_id', 'score' (and "
+                             f"'bbox' and/or 'segmentation'), got {r!r:.200}")
+    return results
+
+
 def coco_evaluate(
     coco_gt: COCO | str | Path | dict,
-    coco_results: Sequence[dict],
+    coco_results: Sequence[dict] | str | Path,
     iou_types: Sequence[str] = ("bbox", "segm"),
     img_ids: Sequence[int] | None = None,
     per_category: bool = False,
@@ -128,6 +217,8 @@ def coco_evaluate(
     """pycocotools COCOeval of COCO-format results -> {iou_type: {"AP", "AP50", ..., "ARl"}} (fractions in [0, 1];
     -1 where no ground truth falls in that area range, as COCOeval reports).
 
+    coco_gt: a pycocotools COCO, a dict, or the path of a COCO instances json. coco_results: a list of COCO result
+    dicts or the path of a results json (as evaluate(results_path=...) writes).
     img_ids: images to score (default: every GT image). Empty results give AP 0 without crashing. Results on
     images or categories absent from the GT raise ValueError. For "segm" any "bbox" key is removed first so that
     COCOeval's small/medium/large split of detections uses mask area (as detectron2 does). For "bbox" the
@@ -137,7 +228,7 @@ def coco_evaluate(
     per_category=True adds {"per_category": {category name: AP}}; verbose=True prints COCOeval's summary.
     """
     coco_gt = _as_coco(coco_gt)
-    results = list(coco_results)
+    results = _as_results(coco_results)
     gt_images, gt_cats = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
     bad_images = sorted({r["image_id"] for r in results} - gt_images)
     bad_cats = sorted({r["category_id"] for r in results} - gt_cats)
@@ -158,12 +249,13 @@ def coco_evaluate(
             if missing:
                 raise ValueError(f"{missing} results have no 'segmentation'; cannot compute segm AP")
             typed = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
-        coco_dt = _load_results(coco_gt, typed)
+        gt = _complete_ground_truth(coco_gt, iou_type)
+        coco_dt = _load_results(gt, typed)
         if iou_type == "bbox" and bbox_area == "mask":
             for ann in coco_dt.dataset["annotations"]:
                 if isinstance(ann.get("segmentation"), dict):
                     ann["area"] = float(mask_utils.area(ann["segmentation"]))
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator = COCOeval(gt, coco_dt, iou_type)
         evaluator.params.imgIds = img_ids
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
@@ -174,7 +266,7 @@ def coco_evaluate(
             print(f"COCOeval {iou_type}:\n{summary.getvalue()}")
         metrics[iou_type] = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
         if per_category:
-            metrics[iou_type]["per_category"] = _per_category_ap(coco_gt, evaluator)
+            metrics[iou_type]["per_category"] = _per_category_ap(gt, evaluator)
     return metrics
 
 
@@ -324,9 +416,9 @@ def _score(coco_gt: COCO, per_image: dict, iou_types: Sequence[str], results_pat
     num_stages = max((len(v) for v in per_image.values()), default=1)
     stage_results = [[d for i in image_ids for d in per_image[i][s]] for s in range(num_stages)]
     if results_path is not None:
-        path = Path(results_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(stage_results[-1]))
+        from istr.fileio import atomic_write_bytes
+
+        atomic_write_bytes(results_path, json.dumps(stage_results[-1]).encode())
     stages = [coco_evaluate(coco_gt, r, iou_types, img_ids=image_ids) for r in stage_results]
     metrics: dict[str, Any] = dict(stages[-1])
     if all_stages:

@@ -1,49 +1,80 @@
 """Fit a mask codec on the GT masks of a COCO-format annotation file (box-cropped M x M grids, as the model sees)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from istr.codecs import MaskCodec, create_codec
-from istr.ops.masks import crop_masks
+from istr.ops.masks import crop_masks, rasterize
 
 __all__ = ["coco_mask_grids", "fit_codec_on_coco"]
 
+logger = logging.getLogger(__name__)
+
 
 def coco_mask_grids(ann_file: str | Path, mask_size: int, max_masks: int | None = None,
-                    include_crowd: bool = False, min_box_size: float = 1.0, seed: int = 0) -> torch.Tensor:
+                    include_crowd: bool = False, min_box_size: float = 1.0, seed: int = 0,
+                    return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, int]]:
     """GT masks of a COCO json cropped by their GT boxes to float grids [N, M, M] in [0, 1].
 
     Needs no images: polygons/RLEs are rasterised at the json's image size and cropped with
     istr.ops.crop_masks (RoIAlign, aligned=True), the same crop the model applies to training targets.
-    max_masks: keep a random subset of this many annotations (seeded), None keeps all.
+    Annotations are read by istr.data.read_coco_annotations, the same policy as CocoInstances (same drops, same
+    counts; clipped boxes; a box taken from the mask when the json has none); masks that rasterise empty are
+    dropped too ("dropped_empty_masks"). max_masks: keep a random subset of this many usable annotations (seeded,
+    chosen before empty masks are dropped), None keeps all. return_stats=True returns (grids, stats) with the
+    reader's counts plus "dropped_empty_masks" and "masks" (the number of grids returned).
     """
-    from istr.data.coco import load_coco_json
+    from istr.data.coco import describe_stats, load_coco_json, read_coco_annotations
 
-    if not isinstance(mask_size, int) or mask_size < 1:
+    if not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1:
         raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
+    if max_masks is not None and max_masks < 1:
+        raise ValueError(f"max_masks must be >= 1 or None, got {max_masks}")
     coco = load_coco_json(ann_file)
-    anns = [a for a in coco.dataset.get("annotations", [])
-            if (include_crowd or not a.get("iscrowd", 0)) and a.get("segmentation")
-            and min(a["bbox"][2], a["bbox"][3]) >= min_box_size]
-    if max_masks is not None and len(anns) > max_masks:
-        keep = torch.randperm(len(anns), generator=torch.Generator().manual_seed(seed))[:max_masks]
-        anns = [anns[i] for i in sorted(keep.tolist())]
-    if not anns:
-        raise ValueError(f"{ann_file} has no usable annotations with segmentations to fit a codec on")
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for a in anns:
-        by_image.setdefault(a["image_id"], []).append(a)
-    grids = []
-    for image_id, image_anns in by_image.items():
-        info = coco.imgs[image_id]
-        h, w = int(info["height"]), int(info["width"])
-        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in image_anns)],
-                             dtype=torch.float32)
-        grids.append(crop_masks([a["segmentation"] for a in image_anns], boxes, mask_size, image_size=(h, w)))
-    return torch.cat(grids).clamp_(0, 1)
+    images, stats = read_coco_annotations(coco, min_box_size=min_box_size, include_crowd=include_crowd)
+    position = {a["id"]: i for i, a in enumerate(coco.dataset["annotations"])}
+    entries = sorted(((img, a) for img in images for a in img["anns"]), key=lambda e: position[e[1]["id"]])
+    if max_masks is not None and len(entries) > max_masks:
+        keep = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed))[:max_masks]
+        entries = [entries[i] for i in sorted(keep.tolist())]
+    by_image: dict[int, tuple[dict, list[dict[str, Any]]]] = {}
+    for img, a in entries:
+        by_image.setdefault(img["id"], (img, []))[1].append(a)
+    grids, empty = [], 0
+    for img, anns in by_image.values():
+        for start in range(0, len(anns), 64):  # bounded memory: 64 full-image masks at a time
+            masks, boxes = [], []
+            for a in anns[start : start + 64]:
+                mask = _rasterize(a, img, ann_file)
+                if mask.any():
+                    masks.append(mask)
+                    boxes.append(a["box"])
+                else:
+                    empty += 1
+            if masks:
+                grids.append(crop_masks(torch.from_numpy(np.stack(masks)), torch.tensor(boxes), mask_size))
+    stats["dropped_empty_masks"] = empty
+    stats["masks"] = sum(len(g) for g in grids)
+    if not grids:
+        raise ValueError(f"{ann_file} has no usable annotations with segmentations to fit a codec on "
+                         f"({describe_stats(stats)})")
+    if stats["dropped_degenerate_boxes"] or stats["dropped_invalid_segmentations"] or empty:
+        logger.warning("%s: %s", ann_file, describe_stats(stats))
+    out = torch.cat(grids).clamp_(0, 1)
+    return (out, stats) if return_stats else out
+
+
+def _rasterize(ann: dict, img: dict, ann_file: str | Path) -> np.ndarray:
+    try:
+        return rasterize(ann["segmentation"], img["height"], img["width"])
+    except (ValueError, TypeError) as exc:
+        where = f"annotation {ann['id']} of image {img['id']} ({img['file_name']})"
+        raise ValueError(f"{ann_file}: {where}: {exc}") from exc
 
 
 def fit_codec_on_coco(codec: MaskCodec | str, ann_file: str | Path, max_masks: int | None = None,

@@ -1,27 +1,52 @@
-"""Inference helper: image files or tensors in, torchvision-style per-image results out."""
+"""Inference helper: image files, PIL images or tensors in, torchvision-style per-image results out."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 __all__ = ["predict"]
 
-ImageLike = str | Path | torch.Tensor
+ImageLike = Any  # str | Path | torch.Tensor | PIL.Image.Image
+
+
+def _is_pil(item: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        return False
+    return isinstance(item, Image.Image)
 
 
 def _as_image(item: ImageLike) -> torch.Tensor:
-    from istr.data.coco import load_image
+    from istr.data.coco import load_image, pil_to_tensor
 
     if isinstance(item, (str, Path)):
         return load_image(item)
+    if _is_pil(item):
+        return pil_to_tensor(item)
     if not isinstance(item, torch.Tensor):
-        raise TypeError(f"expected an image path or a tensor [3, H, W], got {type(item).__name__}")
+        raise TypeError(f"expected an image path, a PIL image or a tensor [3, H, W], got {type(item).__name__}")
     if item.ndim != 3 or item.shape[0] not in (1, 3):
         raise ValueError(f"image tensors must be [3, H, W] (or [1, H, W]), got shape {tuple(item.shape)}")
     image = item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def _as_items(images: Any) -> tuple[list, bool]:
+    """(list of single images, whether a single image was given)."""
+    if isinstance(images, (str, Path)) or _is_pil(images) or (isinstance(images, torch.Tensor) and images.ndim == 3):
+        return [images], True
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"image tensors must be [3, H, W] or a batch [B, 3, H, W], got shape "
+                             f"{tuple(images.shape)}")
+        return list(images), False
+    if isinstance(images, Iterable) and not isinstance(images, (bytes, dict)):
+        return list(images), False
+    raise TypeError("images must be an image path, a PIL image, a tensor [3, H, W] / [B, 3, H, W], or a list of "
+                    f"those, got {type(images).__name__}")
 
 
 @torch.no_grad()
@@ -34,14 +59,14 @@ def predict(
     score_threshold: float | None = None,
     all_stages: bool = False,
 ) -> Any:
-    """Run `model` in eval mode on image paths or tensors ([3, H, W] float in [0, 1] or uint8; a [B, 3, H, W]
-    batch counts as B images). Returns, on the CPU, one result {"boxes", "labels", "scores", "masks"} per image
-    (a single dict for a single path/[3, H, W] tensor, else a list); detections below score_threshold are
-    dropped. all_stages=True returns, per stage, such results (model(images, all_stages=True)).
+    """Run `model` in eval mode on image paths, PIL images (converted as istr.data.pil_to_tensor does) or tensors
+    ([3, H, W] float in [0, 1] or uint8; a [B, 3, H, W] batch counts as B images), or a list/tuple of those.
+    Returns, on the CPU, one result {"boxes", "labels", "scores", "masks"} per image (a single dict for a single
+    path/PIL image/[3, H, W] tensor, else a list); detections below score_threshold are dropped.
+    all_stages=True returns, per stage, such results (model(images, all_stages=True)).
     The model's train/eval mode is restored afterwards.
     """
-    single = isinstance(images, (str, Path)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
-    items = [images] if single else list(images)
+    items, single = _as_items(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
