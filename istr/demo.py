@@ -1,9 +1,10 @@
-"""The CPU demo: synthetic shapes -> PCA codec -> istr_tiny trained for a wall-clock budget -> COCO eval -> report."""
+"""The demo: synthetic shapes -> PCA codec -> istr_tiny trained for a fixed number of steps -> COCO eval -> report."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -11,45 +12,38 @@ from typing import Any
 import torch
 
 __all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "DEMO_CODEC", "fit_demo_codec", "build_demo_model", "run_demo",
-           "fit_schedule_to_budget", "machine_info", "plot_loss_curve"]
+           "machine_info", "plot_loss_curve"]
 
-# Settings measured on the 2-core CPU dev machine (benchmarks/convergence.py). The backbone learns from scratch only
-# at a low lr: with AdamW at lr 1e-3, a ResNet-18 FPN + RoIAlign at the ground-truth boxes + MLP stayed at chance
-# (12.5%) shape accuracy after 300 iterations; at 2e-4 it reached 57% (`convergence.py --probe`). So the backbone
-# trains at 2e-4 (backbone_lr_mult 0.4) and the head at 5e-4. Even so, ISTR's set prediction needs far more steps
-# than 10 CPU minutes give (~850 at 0.7 s each). Mask AP stayed below 0.01 after 150-900 iterations in every setting
-# tried: lr 2e-4..1.5e-3 (head 1e-3 with backbone 2e-4 too), 10-50 queries, 64-128 px, 1-8 objects per image,
-# no small objects, focal weight 6, RoI-conv mask head, grid-initialised query boxes. Given 30 minutes (2,280
-# iterations) this setting reached mask AP 0.5% / box AP 3.0%, still rising (benchmarks/results/convergence_cpu.md).
-# The same Trainer does fit real images (tests/test_real_tiny.py). Denoising training (2 jittered copies of the GT
-# boxes as extra training queries, ISTR(denoising_groups=2); not in the paper, inference unchanged) gives the head
-# direct targets from the first step: in two 10-minute runs it reached mask / box AP 0.37 / 1.68% and 0.11 / 0.98%,
-# against 0.05 / 0.74% and 0.04 / 0.82% without it (~570 instead of ~760 iterations: ~1.05 s a step, not ~0.79 s).
-# The from-scratch backbone is the first bottleneck: started from a trunk trained 21 more CPU minutes as a semantic
-# segmenter (`convergence.py --dense-probe ... --save`, `run_demo(backbone_checkpoint=...)`), the same 10 minutes gave
-# mask / box AP 1.63 / 4.62%, though the mask-embedding loss still had hardly moved (convergence_cpu.md).
-DEMO_DATA: dict[str, Any] = dict(num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8)
-DEMO_MODEL: dict[str, Any] = dict(num_queries=20, min_size=128, max_size=128, train_min_sizes=None,
-                                  detections_per_image=50, denoising_groups=2)
-DEMO_TRAIN: dict[str, Any] = dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, warmup_iters=50, decay_at=0.8,
-                                  gamma=0.1, clip_grad_norm=1.0, flip=True)
+# The demo's settings; benchmarks/results/convergence_cpu.md holds the experiments behind them. "easy" data is the
+# default: plain backgrounds, 4 shapes, 1-4 medium/large objects at 96 px, learnable in minutes on a CPU. "hard"
+# (textured backgrounds, 8 shapes incl. concave and holed ones, 2-8 objects, small ones, 128 px) is the research
+# benchmark, far from solved in a CPU budget from random weights.
+DEMO_DATA: dict[str, dict[str, Any]] = {
+    "easy": dict(difficulty="easy", num_train=1000, num_val=50, image_size=96, seed=0),
+    "hard": dict(difficulty="hard", num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8),
+}
+DEMO_MODEL: dict[str, Any] = dict(num_queries=20, train_min_sizes=None, detections_per_image=50, denoising_groups=2)
+DEMO_TRAIN: dict[str, Any] = dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, iters=1500, warmup_iters=50,
+                                  decay_at=0.8, gamma=0.1, clip_grad_norm=1.0, flip=True)
 DEMO_CODEC: dict[str, Any] = dict(mask_size=28, dim=60, whiten=True, logit_space=True)  # ISTR v1's PCA-60
 
 
-def fit_demo_codec(train_annotations: str | Path):
-    """The demo's PCA codec (DEMO_CODEC) fitted on the masks of a COCO json -> (codec, the grids it was fit on)."""
+def fit_demo_codec(train_annotations: str | Path, codec_cfg: dict[str, Any] | None = None, name: str = "pca"):
+    """The demo's codec (DEMO_CODEC PCA-60 unless told otherwise) fitted on the masks of a COCO json ->
+    (codec, the grids it was fit on)."""
     import istr
     from istr.engine.fit_codec import coco_mask_grids
 
-    codec = istr.create_codec("pca", **DEMO_CODEC)
+    codec = istr.create_codec(name, **(DEMO_CODEC if codec_cfg is None else codec_cfg))
     grids = coco_mask_grids(train_annotations, codec.mask_size)
     codec.fit(grids)
     return codec, grids
 
 
-def build_demo_model(data_dir: str | Path, codec, model_cfg: dict[str, Any], flip: bool = True, seed: int = 0):
-    """(istr_tiny with `model_cfg` overrides and `codec`, train set (h-flips if `flip`), val set) for a dataset
-    written by make_synthetic_coco in data_dir. The model is initialised after torch.manual_seed(seed)."""
+def build_demo_model(data_dir: str | Path, codec, model_cfg: dict[str, Any], flip: bool = True, seed: int = 0,
+                     preset: str = "istr_tiny"):
+    """(preset with `model_cfg` overrides (and `codec` for ISTR), train set (h-flips if `flip`), val set) for a
+    dataset written by make_synthetic_coco in data_dir. The model is initialised after torch.manual_seed(seed)."""
     import istr
     from istr.data import CocoInstances, build_transforms
 
@@ -59,7 +53,8 @@ def build_demo_model(data_dir: str | Path, codec, model_cfg: dict[str, Any], fli
     train_set = CocoInstances(data_dir / "train", ann / "instances_train.json", transforms=transforms)
     val_set = CocoInstances(data_dir / "val", ann / "instances_val.json", include_empty=True)
     torch.manual_seed(seed)
-    model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, **model_cfg)
+    extra = {} if codec is None else {"codec": codec}
+    model = istr.create_model(preset, num_classes=train_set.num_classes, **extra, **model_cfg)
     return model, train_set, val_set
 
 
@@ -75,41 +70,11 @@ def machine_info() -> dict[str, Any]:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if hasattr(os, "getloadavg"):
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
     return info
-
-
-def fit_schedule_to_budget(calibration_iters: int = 20, decay_at: float = 0.8, every: int = 10):
-    """Callback for Trainer: put the lr step decay at `decay_at` of the iterations that fit in cfg.max_minutes.
-
-    From iteration calibration_iters + 1 on, and every `every` iterations until the decay has happened, it
-    re-estimates the total number of iterations from the mean speed so far and moves cfg.milestones there
-    (the schedule reads cfg lazily). Training itself stops on the time budget (or a given cfg.max_iters), so a
-    slow start (e.g. other processes on the CPU) does not end the run early.
-    """
-    state: dict[str, float] = {}
-
-    def callback(trainer, losses) -> None:
-        it, cfg = trainer.iteration, trainer.cfg
-        if it == 1:
-            state["t1"] = time.perf_counter()
-        if cfg.max_minutes is None or it <= max(1, calibration_iters) or (it - calibration_iters - 1) % every:
-            return
-        if cfg.milestones and it >= cfg.milestones[0]:
-            return  # the decay has happened: keep it
-        per_iter = (time.perf_counter() - state["t1"]) / (it - 1)
-        left = cfg.max_minutes * 60 - (trainer.elapsed_before + trainer._run_elapsed())
-        total = it + max(0, int(left / per_iter))
-        if cfg.max_iters is not None:
-            total = min(total, cfg.max_iters)
-        cfg.milestones = (max(it + 1, int(decay_at * total)),)
-        if trainer.is_main:
-            trainer._log({"iter": it, "event": "schedule", "seconds_per_iter": round(per_iter, 4),
-                          "expected_iters": total, "milestones": list(cfg.milestones)})
-
-    return callback
 
 
 def plot_loss_curve(log_file: str | Path, out_png: str | Path, smooth: int = 10) -> Path:
@@ -206,24 +171,36 @@ def _codec_iou(codec, grids: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
-def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, threads: int | None = None, seed: int = 0,
+def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, minutes: float | None = None,
+             data: str = "easy", model: str = "istr_tiny", threads: int | None = None, seed: int = 0,
              num_train: int | None = None, num_val: int | None = None, image_size: int | None = None,
-             max_iters: int | None = None, lr: float | None = None, batch_size: int | None = None,
-             device: str = "cpu", pretrained: bool = False, backbone_checkpoint: str | Path | None = None,
-             progress: bool = True, overlays: int = 6) -> dict[str, Any]:
-    """Run the whole demo and write out_dir/{report.md, metrics.json, loss_curve.png, overlays/, data/, train/}.
+             lr: float | None = None, batch_size: int | None = None, device: str = "cpu", pretrained: bool = False,
+             backbone_checkpoint: str | Path | None = None, progress: bool = True, overlays: int = 6,
+             eval_every: int = 0) -> dict[str, Any]:
+    """Run the whole demo and write out_dir/{report.md, metrics.json, loss_curve.png, overlays/, model.safetensors,
+    codec.safetensors, run.json, data/, train/}.
 
-    minutes: the training budget (wall clock; data generation, codec fit and evaluation come on top).
+    iters: training steps (default DEMO_TRAIN's 1500: the same result on any machine); minutes: an optional
+    wall-clock cap on top. data: "easy" (default) or "hard" (DEMO_DATA). model: "istr_tiny" or "isda_tiny".
     threads: torch CPU threads (default: every core). device: where to train and evaluate ("cpu", "cuda", ...).
     The backbone starts from random weights unless `pretrained` (timm's ImageNet weights: needs the network) or
-    `backbone_checkpoint` (a local timm-format ResNet-18 file) is given. Returns the metrics.json content.
+    `backbone_checkpoint` (a local timm-format ResNet-18 file) is given. eval_every: also evaluate every N steps
+    (the AP curve goes into metrics.json; training is unchanged). Returns the metrics.json content.
     """
     from istr.data import make_synthetic_coco
+    from istr.engine.callbacks import StepTimer
     from istr.engine.evaluate import evaluate
     from istr.engine.fit_codec import coco_mask_grids
     from istr.engine.train import TrainConfig, Trainer
 
-    if minutes <= 0:
+    if data not in DEMO_DATA:
+        raise ValueError(f"data must be one of {sorted(DEMO_DATA)}, got {data!r}")
+    if model not in ("istr_tiny", "isda_tiny"):
+        raise ValueError(f"model must be 'istr_tiny' or 'isda_tiny', got {model!r}")
+    iters = DEMO_TRAIN["iters"] if iters is None else int(iters)
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if minutes is not None and minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
     if backbone_checkpoint is not None and not Path(backbone_checkpoint).is_file():
         raise FileNotFoundError(f"no backbone checkpoint at {backbone_checkpoint}")
@@ -235,63 +212,82 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
     t_start = time.perf_counter()
     machine = machine_info()
 
-    data_cfg = {**DEMO_DATA, **{k: v for k, v in (("num_train", num_train), ("num_val", num_val),
-                                                   ("image_size", image_size)) if v is not None}}
+    data_cfg = {**DEMO_DATA[data], **{k: v for k, v in (("num_train", num_train), ("num_val", num_val),
+                                                         ("image_size", image_size)) if v is not None}}
     data_dir = out / "data"
     marker = data_dir / "demo_data.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == data_cfg):
-        print(f"generating the synthetic dataset ({data_cfg['num_train']} train / {data_cfg['num_val']} val images, "
-              f"{data_cfg['image_size']} px) in {data_dir}")
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        print(f"generating the {data} synthetic dataset ({data_cfg['num_train']} train / {data_cfg['num_val']} val "
+              f"images of {data_cfg['image_size']} px) in {data_dir}")
         make_synthetic_coco(data_dir, **data_cfg)
         marker.write_text(json.dumps(data_cfg))
     train_ann = data_dir / "annotations" / "instances_train.json"
     val_ann = data_dir / "annotations" / "instances_val.json"
     t_data = time.perf_counter()
 
-    codec, grids = fit_demo_codec(train_ann)
-    codec.save(out / "codec.safetensors")
-    codec_iou = {"train": _codec_iou(codec, grids), "val": _codec_iou(codec, coco_mask_grids(val_ann, codec.mask_size))}
-    print(f"PCA codec (l=60, 28x28) fitted on {len(grids)} training masks: reconstruction IoU "
-          f"{codec_iou['val']:.3f} on validation masks")
+    codec, codec_iou = None, None
+    if model == "istr_tiny":
+        codec, grids = fit_demo_codec(train_ann)
+        codec.save(out / "codec.safetensors")
+        codec_iou = {"train": _codec_iou(codec, grids), "val": _codec_iou(codec, coco_mask_grids(val_ann, codec.mask_size))}
+        print(f"PCA codec (l=60, 28x28) fitted on {len(grids)} training masks: reconstruction IoU "
+              f"{codec_iou['val']:.3f} on validation masks")
     t_codec = time.perf_counter()
 
     train_cfg = {**DEMO_TRAIN, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None}}
-    model_cfg = {**DEMO_MODEL, "min_size": data_cfg["image_size"], "max_size": data_cfg["image_size"]}
+    size = data_cfg["image_size"]
+    model_cfg = {**DEMO_MODEL, "min_size": size, "max_size": size}
+    if model == "isda_tiny":
+        model_cfg.pop("denoising_groups")
     if pretrained:
         model_cfg["pretrained"] = True
     if backbone_checkpoint is not None:
         model_cfg["checkpoint_path"] = str(backbone_checkpoint)
-    model, train_set, val_set = build_demo_model(data_dir, codec, model_cfg, train_cfg["flip"], seed)
+    net, train_set, val_set = build_demo_model(data_dir, codec, model_cfg, train_cfg["flip"], seed, preset=model)
+    decay = int(train_cfg["decay_at"] * iters)
     cfg = TrainConfig(lr=train_cfg["lr"], backbone_lr_mult=train_cfg["backbone_lr_mult"],
-                      batch_size=train_cfg["batch_size"], max_iters=max_iters,
-                      max_minutes=minutes, warmup_iters=train_cfg["warmup_iters"], milestones=(),
+                      batch_size=train_cfg["batch_size"], max_iters=iters, max_minutes=minutes,
+                      warmup_iters=min(train_cfg["warmup_iters"], iters), milestones=(decay,) if decay < iters else (),
                       gamma=train_cfg["gamma"], clip_grad_norm=train_cfg["clip_grad_norm"], seed=seed,
-                      checkpoint_every=0, log_every=10, progress=progress, device=device, eval_at_end=False)
-    calibration = max(1, min(20, max_iters - 1)) if max_iters else 20
-    trainer = Trainer(model, train_set, cfg, out_dir=out / "train",
-                      callbacks=[fit_schedule_to_budget(calibration, train_cfg["decay_at"])])
+                      checkpoint_every=0, log_every=10, progress=progress, device=device, eval_at_end=False,
+                      eval_every=eval_every, eval_kwargs={"progress": False})
+    print(f"training {model} for {iters} steps of {cfg.batch_size} images ({machine['torch_threads']} threads, "
+          f"load average {machine.get('load_average_1m')})" + (f", at most {minutes:g} min" if minutes else ""))
+    trainer = Trainer(net, train_set, cfg, val_dataset=val_set if eval_every else None, out_dir=out / "train",
+                      callbacks=[StepTimer(calibrate=min(10, iters))], overwrite=True)
     result = trainer.train()
     t_train = time.perf_counter()
 
-    metrics = evaluate(model, val_set, device=device, progress=False)
+    metrics = evaluate(net, val_set, device=device, progress=False)
     t_eval = time.perf_counter()
+    shutil.copyfile(out / "train" / "model.safetensors", out / "model.safetensors")
+    (out / "run.json").write_text(json.dumps({"val_images": str((data_dir / "val").resolve()),
+                                              "val_ann": str(val_ann.resolve())}, indent=2))
     plot_loss_curve(out / "train" / "log.jsonl", out / "loss_curve.png")
-    overlay_paths = _overlays(model, val_set, out / "overlays", overlays, score_threshold=0.4)
+    score_threshold = 0.4
+    overlay_paths = _overlays(net, val_set, out / "overlays", overlays, score_threshold)
 
+    curve = [{"iter": r["iter"], "segm_AP": r["metrics"]["segm"]["AP"], "bbox_AP": r["metrics"]["bbox"]["AP"]}
+             for r in map(json.loads, (out / "train" / "log.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
     report = {
-        "metrics": {k: v for k, v in metrics.items() if k in ("bbox", "segm")},
+        "metrics": {k: v for k, v in metrics.items() if k in ("bbox", "segm")}, "ap_curve": curve,
         "iterations": result.iterations, "train_seconds": round(result.elapsed_s, 1),
+        "seconds_per_iter": round(result.elapsed_s / max(result.iterations, 1), 3),
         "images_seen": result.iterations * cfg.batch_size,
         "eval_seconds": round(t_eval - t_train, 1), "data_seconds": round(t_data - t_start, 1),
         "codec_seconds": round(t_codec - t_data, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1), "stop_reason": result.stop_reason,
-        "budget_minutes": minutes, "max_iters_requested": max_iters, "codec_reconstruction_iou": codec_iou,
-        "data": data_cfg, "model": {"preset": "istr_tiny", **model_cfg,
-                                     "parameters": sum(p.numel() for p in model.parameters())},
-        "train": {**train_cfg, "device": device, "milestones": list(cfg.milestones), "warmup_factor": cfg.warmup_factor,
-                  "weight_decay": cfg.weight_decay, "seed": seed},
+        "iters_requested": iters, "budget_minutes": minutes, "codec_reconstruction_iou": codec_iou,
+        "score_threshold": score_threshold, "data": data_cfg,
+        "model": {"preset": model, **model_cfg, "parameters": sum(p.numel() for p in net.parameters())},
+        "train": {**train_cfg, "iters": iters, "device": device, "milestones": list(cfg.milestones),
+                  "warmup_iters": cfg.warmup_iters,
+                  "warmup_factor": cfg.warmup_factor, "weight_decay": cfg.weight_decay, "seed": seed},
         "machine": {**machine, "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
-        "files": {"model": result.model_path, "log": str(out / "train" / "log.jsonl"), "overlays": overlay_paths},
+        "files": {"model": str(out / "model.safetensors"), "log": str(out / "train" / "log.jsonl"),
+                  "overlays": overlay_paths},
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_report_md(report))
@@ -300,8 +296,8 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 10.0, *, thread
 
 def _stop_text(r: dict[str, Any]) -> str:
     if r["stop_reason"] == "time_budget":
-        return "stopped when the budget ran out"
-    return "stopped at the requested --max-iters"
+        return f"stopped by the {r['budget_minutes']:g}-minute cap before the requested {r['iters_requested']} steps"
+    return "all requested steps"
 
 
 def _device_text(r: dict[str, Any]) -> str:
@@ -311,33 +307,39 @@ def _device_text(r: dict[str, Any]) -> str:
 
 def _init_text(r: dict[str, Any]) -> str:
     if r["model"].get("checkpoint_path"):
-        return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (FPN and head from random initialisation)"
+        return f"the backbone checkpoint `{r['model']['checkpoint_path']}` (neck and head from random initialisation)"
     if r["model"].get("pretrained"):
-        return "timm's ImageNet ResNet-18 weights (FPN and head from random initialisation)"
+        return "timm's ImageNet ResNet-18 weights (neck and head from random initialisation)"
     return "random initialisation"
 
 
-def _denoising_text(r: dict[str, Any]) -> str:
-    groups = r["model"].get("denoising_groups", 0)
-    if not groups:
-        return ""
-    return (f" with denoising training ({groups} jittered copies of the ground-truth boxes as extra training-only "
-            "queries, not in the paper; inference is plain ISTR)")
+def _model_text(r: dict[str, Any]) -> str:
+    m = r["model"]
+    if m["preset"] == "isda_tiny":
+        return (f"ISDA (`isda_tiny`: ResNet-18 with a channel mapper, deformable transformer, {m['num_queries']} "
+                f"queries, dynamic mask kernels; {m['parameters'] / 1e6:.1f} M parameters)")
+    dn = m.get("denoising_groups", 0)
+    return (f"ISTR (`istr_tiny`: ResNet-18 FPN, {m['num_queries']} queries, 3 stages, PCA-60 codec on 28x28 masks, "
+            f"{m['parameters'] / 1e6:.1f} M parameters"
+            + (f"; trained with {dn} denoising groups, jittered copies of the ground-truth boxes as extra "
+               "training-only queries, not in the paper; inference is plain ISTR)" if dn else ")"))
 
 
 def _report_md(r: dict[str, Any]) -> str:
-    m, mach = r["metrics"], r["machine"]
+    m, mach, d = r["metrics"], r["machine"], r["data"]
     cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
     fmt = lambda v: "n/a" if v is None or v < 0 else f"{100 * v:.1f}"  # noqa: E731
     rows = "\n".join(f"| {name} | " + " | ".join(fmt(m[key].get(c)) for c in cols) + " |"
                      for name, key in (("mask (segm)", "segm"), ("box (bbox)", "bbox")))
     overlays = "\n".join(f"![{Path(p).name}](overlays/{Path(p).name})" for p in r["files"]["overlays"])
-    return f"""# istr CPU demo
+    codec = ("" if r["codec_reconstruction_iou"] is None else
+             f"PCA codec reconstruction IoU (the ceiling of mask quality): {r['codec_reconstruction_iou']['val']:.3f} "
+             "on validation masks.\n")
+    return f"""# istr demo
 
-ISTR (`istr_tiny`: ResNet-18 FPN, {r['model']['num_queries']} queries, 3 stages, PCA-60 codec on 28x28 masks,
-{r['model']['parameters'] / 1e6:.1f} M parameters) trained from {_init_text(r)}{_denoising_text(r)} on the synthetic shapes
-dataset (`istr.data.make_synthetic_coco`: {r['data']['num_train']} training / {r['data']['num_val']} validation
-images of {r['data']['image_size']} px, 8 shape classes), evaluated with pycocotools COCOeval on the validation images.
+{_model_text(r)} trained from {_init_text(r)} on the **{d['difficulty']}** synthetic shapes dataset
+(`istr.data.make_synthetic_coco`: {d['num_train']} training / {d['num_val']} validation images of {d['image_size']} px),
+evaluated with pycocotools COCOeval on the validation images.
 
 ## Results (COCO AP, %, validation images)
 
@@ -346,14 +348,13 @@ images of {r['data']['image_size']} px, 8 shape classes), evaluated with pycocot
 {rows}
 
 APs/APm/APl: small/medium/large objects (area < 32², < 96², larger); n/a where no such ground truth exists.
-PCA codec reconstruction IoU (upper bound on mask quality): {r['codec_reconstruction_iou']['val']:.3f} on validation masks.
-
+{codec}
 ## Training
 
 | | |
 |---|---|
-| training time | {r['train_seconds']:.0f} s (budget {r['budget_minutes']:g} min; {_stop_text(r)}) |
-| iterations | {r['iterations']} (batch {r['train']['batch_size']}, {r['images_seen']} images seen) |
+| iterations | {r['iterations']} of {r['iters_requested']} requested ({_stop_text(r)}); batch {r['train']['batch_size']}, {r['images_seen']} images seen |
+| training time | {r['train_seconds']:.0f} s, {r['seconds_per_iter']:.3f} s per iteration |
 | device | {_device_text(r)} |
 | optimizer | AdamW lr {r['train']['lr']:g} (backbone x{r['train']['backbone_lr_mult']:g}), weight decay {r['train']['weight_decay']:g}, warmup {r['train']['warmup_iters']} iters, lr x{r['train']['gamma']:g} at {r['train']['milestones']}, grad clip {r['train']['clip_grad_norm']} |
 | evaluation time | {r['eval_seconds']:.0f} s |
@@ -364,14 +365,16 @@ PCA codec reconstruction IoU (upper bound on mask quality): {r['codec_reconstruc
 
 ## Machine
 
-{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']}, Python {mach['python']},
-{mach['platform']}. Load average (1 min) at start {mach.get('load_average_1m')}, at the end {mach.get('load_average_1m_end')}
-(a load above the core count means other processes shared the CPU and the run got fewer iterations).
+{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads ({mach.get('cpu_capability')}), torch {mach['torch']},
+Python {mach['python']}, {mach['platform']}. Load average (1 min) at the start {mach.get('load_average_1m')}, at the end
+{mach.get('load_average_1m_end')}: a load above the core count means other processes shared the CPU, which slows the run
+but does not change its result (the budget is in iterations).
 
-## Predictions (left: ground truth, right: prediction, score >= 0.4)
+## Predictions (left: ground truth, right: prediction, score >= {r['score_threshold']})
 
 {overlays}
 
-Files: `metrics.json` (all numbers), `train/log.jsonl` (per-iteration losses, lr, time), `train/model.safetensors`
-(load with `istr.load_model`), `codec.safetensors`, `data/` (the dataset).
+Files: `metrics.json` (all numbers), `train/log.jsonl` (per-iteration losses, lr, time), `model.safetensors`
+(`istr.load_model`; `istr predict {Path(r['files']['model']).parent} IMAGE...`, `istr eval {Path(r['files']['model']).parent}`),
+`codec.safetensors`, `data/` (the dataset).
 """

@@ -11,14 +11,13 @@ saved as format "istr-state-dict" with its class name, and loads only into a giv
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from istr.fileio import atomic_save, check_readable_file
 from istr.registry import Registry
 
 __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
@@ -46,27 +45,17 @@ def register_architecture(name: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def _check_readable(path: Path, kind: str) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"no {kind} file at {path}")
-    if not path.is_file():
-        raise ValueError(f"{path} is a directory, not a {kind} file")
-    if not os.access(path, os.R_OK):
-        raise PermissionError(f"{path} exists but is not readable by this user (permission denied)")
-
-
 def read_safetensors(path: str | Path, kind: str,
                      map_location: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; `kind` ("codec", "model") names the file in the errors.
 
-    FileNotFoundError when there is no file, PermissionError when it cannot be read, ValueError naming the path
-    when it is not a readable safetensors file.
+    FileNotFoundError when there is no file, PermissionError when it cannot be read, IsADirectoryError for a
+    folder, ValueError naming the path when it is not a readable safetensors file.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
-    _check_readable(path, kind)
+    path = check_readable_file(path, f"{kind} file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta: dict[str, Any] = f.metadata() or {}
@@ -77,23 +66,11 @@ def read_safetensors(path: str | Path, kind: str,
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (temporary file in the same folder, then rename), readable by others
-    as any new file is (mode 0666 minus the umask; safetensors alone leaves 0600 temporary-file permissions)."""
+    """Write a safetensors file atomically with ordinary permissions (istr.fileio.atomic_save)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------- models

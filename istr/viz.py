@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -49,7 +50,8 @@ def draw_instances(
     image: float [3, H, W] in [0, 1] (or uint8). result: {"boxes": [N, 4] xyxy, "labels": [N], optional "scores"
     [N] (detections below score_threshold are skipped; targets without scores are all drawn), optional "masks"
     [N, 1, H, W] / [N, H, W] probabilities (>= mask_threshold) or binary}. Labels read "name 0.87" (class_names
-    indexed by label; the label number when None). Colours are fixed per class.
+    indexed by label; the label number when None). Colours are fixed per class. A result with scores of which
+    none reaches score_threshold is marked "no detections above score X" (an empty panel that says why).
     """
     canvas = _to_uint8(image)
     h, w = canvas.shape[-2:]
@@ -62,7 +64,7 @@ def draw_instances(
         keep = scores >= score_threshold
     idx = keep.nonzero().flatten()
     if len(idx) == 0:
-        return canvas
+        return _caption(canvas, f"no detections above score {score_threshold:g}") if scores is not None else canvas
     colors = [class_color(int(labels[i])) for i in idx]
     if draw_masks and result.get("masks") is not None:
         masks = torch.as_tensor(result["masks"]).detach().cpu()
@@ -87,6 +89,18 @@ def draw_instances(
     return canvas
 
 
+def _caption(canvas: torch.Tensor, text: str) -> torch.Tensor:
+    """The text in the top-left corner, black on white, of a uint8 [3, H, W] image."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(pil)
+    left, top, right, bottom = draw.textbbox((3, 3), text)
+    draw.rectangle((0, 0, right + 3, bottom + 3), fill=(255, 255, 255))
+    draw.text((3, 3), text, fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
+
+
 def _class_name(class_names: Sequence[str] | Mapping[int, str] | None, label: int) -> str:
     if class_names is None:
         return str(label)
@@ -97,10 +111,15 @@ def _class_name(class_names: Sequence[str] | Mapping[int, str] | None, label: in
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """Save uint8 [3, H, W] (or float in [0, 1]) as PNG/JPEG (by suffix); creates parent folders."""
+    """Save uint8 [3, H, W] (or float in [0, 1]) as PNG/JPEG/... (by suffix); creates parent folders. The file
+    appears complete or not at all, readable as any new file (istr.fileio.atomic_save)."""
     from PIL import Image
 
+    from istr.fileio import atomic_save
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_to_uint8(image).permute(1, 2, 0).numpy()).save(path)
-    return path
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format of {path} from its suffix {path.suffix!r}; use .png or .jpg")
+    pil = Image.fromarray(_to_uint8(image).permute(1, 2, 0).numpy())
+    return atomic_save(path, lambda tmp: pil.save(tmp, format=fmt))

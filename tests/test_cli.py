@@ -69,7 +69,9 @@ def test_fit_codec_train_resume_eval_predict(tmp_path, capsys):
     assert main(common + ["--max-iters", "3", "--resume"]) == 0  # continues from checkpoints/iter_0000002
     assert "trained 3 iterations" in capsys.readouterr().out
     log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in log] == [1, 2, 3] and all("lr" in r and "loss" in r for r in log)
+    steps = [r for r in log if "event" not in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3] and all("lr" in r and "loss" in r for r in steps)
+    assert [(r["iter"], r["event"]) for r in log if "event" in r] == [(2, "resume")]
     assert (run / "model.safetensors").is_file()
 
     metrics_file = tmp_path / "metrics.json"
@@ -77,6 +79,9 @@ def test_fit_codec_train_resume_eval_predict(tmp_path, capsys):
     metrics = json.loads(metrics_file.read_text())
     assert 0 <= metrics["segm"]["AP"] <= 1 and 0 <= metrics["bbox"]["AP"] <= 1
     assert "mask: AP" in capsys.readouterr().out
+    # the run directory remembers its validation data: `istr eval RUN` needs no data flags
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert "recorded in" in capsys.readouterr().out
 
     image = sorted(Path(data["val_images"]).iterdir())[0]
     out = tmp_path / "pred"
@@ -88,18 +93,30 @@ def test_fit_codec_train_resume_eval_predict(tmp_path, capsys):
     assert set(records[0]["names"]) <= {"ellipse", "triangle", "star", "cross", "crescent", "ring", "frame", "L"}
 
 
-def test_demo_end_to_end_small(tmp_path):
+def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--threads", "1", "demo", "--out", str(out), "--minutes", "1", "--max-iters", "3",
-                 "--num-train", "8", "--num-val", "3", "--image-size", "64", "--no-progress"]) == 0
+    assert main(["--threads", "1", "demo", "--out", str(out), "--iters", "3", "--num-train", "40", "--num-val", "3",
+                 "--image-size", "64", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "s per training step" in printed and f"istr predict {out}" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and 0 <= metrics["metrics"]["segm"]["AP"] <= 1
+    assert metrics["data"]["difficulty"] == "easy" and metrics["seconds_per_iter"] > 0
     report = (out / "report.md").read_text()
     assert "| mask (segm) |" in report and "training time" in report and metrics["machine"]["cpu"] in report
-    assert "| device | cpu |" in report
-    assert metrics["model"]["denoising_groups"] == 2 and "denoising training (2 jittered copies" in report
+    assert "| device | cpu |" in report and "3 of 3 requested" in report and "Load average" in report
+    assert metrics["model"]["denoising_groups"] == 2 and "2 denoising groups" in report
     assert (out / "loss_curve.png").stat().st_size > 5000
     assert len(list((out / "overlays").glob("*.png"))) == 3
+    # the demo's output directory works with predict and eval as printed
+    image = sorted((out / "data" / "val").iterdir())[0]
+    assert main(["predict", str(out), str(image), "--out", str(tmp_path / "pred")]) == 0
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    assert "mask: AP" in capsys.readouterr().out
+    # a second run into the same folder needs --overwrite
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--iters", "1", "--num-train", "40", "--num-val", "3", "--no-progress"])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
 def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
@@ -111,7 +128,7 @@ def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
     torch.manual_seed(123)
     ckpt = tmp_path / "resnet18_mine.pth"
     torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), ckpt)  # a classifier's checkpoint
-    args = ["--threads", "1", "demo", "--minutes", "1", "--max-iters", "1", "--num-train", "8", "--num-val", "2",
+    args = ["--threads", "1", "demo", "--iters", "1", "--num-train", "40", "--num-val", "2",
             "--image-size", "64", "--no-progress"]
     with pytest.raises(SystemExit) as exit_info:  # a missing file fails before any data is generated
         main([*args, "--out", str(tmp_path / "no"), "--backbone-checkpoint", str(tmp_path / "missing.pth")])

@@ -42,7 +42,8 @@ def test_draw_targets_without_scores_and_empty_results():
     assert (out != (image * 255).round().to(torch.uint8)).any(dim=0)[42:53, 52:73].any()
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
              "masks": torch.zeros(0, 1, 60, 80)}  # fmt: skip
-    assert torch.equal(draw_instances(image, empty), (image * 255).round().to(torch.uint8))
+    drawn, plain = draw_instances(image, empty), (image * 255).round().to(torch.uint8)
+    assert torch.equal(drawn[:, 20:], plain[:, 20:]) and not torch.equal(drawn, plain)  # only the "no detections" note
     with pytest.raises(ValueError, match="masks are"):
         draw_instances(image, {**result, "masks": torch.zeros(2, 1, 10, 10)})
 
@@ -52,3 +53,14 @@ def test_save_image_round_trip(tmp_path):
     drawn = draw_instances(image, result)
     path = save_image(drawn, tmp_path / "sub" / "vis.png")
     assert torch.equal((load_image(path) * 255).round().to(torch.uint8), drawn)
+
+
+def test_an_empty_prediction_panel_says_why():
+    from istr.viz import draw_instances
+
+    image = torch.full((3, 60, 200), 0.5)
+    result = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([0]), "scores": torch.tensor([0.1])}
+    panel = draw_instances(image, result, score_threshold=0.4)
+    plain = draw_instances(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    assert (panel[:, :12, :] != plain[:, :12, :]).any()  # the caption is drawn at the top
+    assert torch.equal(panel[:, 30:, :], plain[:, 30:, :])  # and nothing else (the 0.1 detection is not drawn)

@@ -1,4 +1,6 @@
-"""Deterministic synthetic COCO-format instance segmentation dataset of textured, occluding shapes."""
+"""Deterministic synthetic COCO-format instance segmentation dataset of shapes: "hard" (textured backgrounds,
+8 shape classes incl. concave and holed ones, many objects, small ones, occlusion) or "easy" (plain backgrounds,
+4 well-separated shapes, a few medium and large objects)."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +12,18 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy.ndimage import zoom
 
-__all__ = ["SHAPE_CLASSES", "make_synthetic_coco", "render_image", "main"]
+__all__ = ["SHAPE_CLASSES", "DIFFICULTIES", "make_synthetic_coco", "render_image", "main"]
 
 # Class = shape only; colour, texture, size, rotation and aspect are random for every instance.
 # Concave: star, cross, crescent, L; with holes: ring, frame.
 SHAPE_CLASSES: tuple[str, ...] = ("ellipse", "triangle", "star", "cross", "crescent", "ring", "frame", "L")
+
+# per difficulty: the shape classes, the background, and defaults for the object counts and the small share
+DIFFICULTIES: dict[str, dict] = {
+    "hard": dict(shapes=SHAPE_CLASSES, background="textured", min_objects=3, max_objects=10, small_fraction=0.35),
+    "easy": dict(shapes=("ellipse", "triangle", "cross", "ring"), background="plain", min_objects=1, max_objects=4,
+                 small_fraction=0.0),
+}
 
 MIN_VISIBLE_FRACTION = 0.4  # a new shape may not hide more than 60% of an earlier one (placement is retried)
 MIN_VISIBLE_PIXELS = 6
@@ -59,9 +68,12 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.nda
     return zoom(rng.random((gh, gw)), (h / gh, w / gw), order=1, grid_mode=True, mode="nearest")[:h, :w]
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Textured background float [H, W, 3]: random colours mixed by a gradient, stripes or blotchy noise."""
+def _background(rng: np.random.Generator, h: int, w: int, kind: str = "textured") -> np.ndarray:
+    """Background float [H, W, 3]: "textured" mixes two random colours by a gradient, stripes or blotchy noise;
+    "plain" is one random colour."""
     c0, c1 = rng.random(3), rng.random(3)
+    if kind == "plain":
+        return np.broadcast_to(c0.astype(np.float32), (h, w, 3)).copy()
     yy, xx = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
     kind = rng.integers(4)
     theta = rng.uniform(0, np.pi)
@@ -91,10 +103,11 @@ def _sample_size(rng: np.random.Generator, m: int, small_fraction: float = 0.35)
     return rng.uniform(max(16.0, 0.25 * m), max(20.0, 0.45 * m))
 
 
-def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray, full_areas: list[int]):
-    """Draw a random shape of half-extent s; return (class index, window slices, boolean mask in window) or None
-    when 10 placements all hide too much of an earlier shape."""
-    cls = int(rng.integers(len(SHAPE_CLASSES)))
+def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray, full_areas: list[int],
+           shapes: Sequence[str] = SHAPE_CLASSES):
+    """Draw a random shape (one of `shapes`) of half-extent s; return (class index into shapes, window slices,
+    boolean mask in window) or None when 10 placements all hide too much of an earlier shape."""
+    cls = int(rng.integers(len(shapes)))
     for _ in range(10):
         cx, cy, theta = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, 2 * np.pi)
         x0, x1 = max(int(cx - 1.5 * s), 0), min(int(cx + 1.5 * s) + 2, w)
@@ -105,7 +118,7 @@ def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray
         dx, dy = xx - cx, yy - cy
         p = (np.cos(theta) * dx + np.sin(theta) * dy) / s
         q = (-np.sin(theta) * dx + np.cos(theta) * dy) / s
-        mask = _inside(SHAPE_CLASSES[cls], p, q, rng)
+        mask = _inside(shapes[cls], p, q, rng)
         if mask.sum() < MIN_VISIBLE_PIXELS:
             continue
         window = (slice(y0, y1), slice(x0, x1))
@@ -119,12 +132,12 @@ def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray
 
 def render_image(
     rng: np.random.Generator, image_size: tuple[int, int], min_objects: int = 3, max_objects: int = 10,
-    small_fraction: float = 0.35,
+    small_fraction: float = 0.35, shapes: Sequence[str] = SHAPE_CLASSES, background: str = "textured",
 ) -> tuple[np.ndarray, list[dict]]:
-    """Render one image -> (uint8 [H, W, 3], instances [{"label", "mask": bool [H, W] visible part,
-    "visible_fraction"}]). Later shapes occlude earlier ones; masks are the visible parts."""
+    """Render one image -> (uint8 [H, W, 3], instances [{"label" (index into shapes), "mask": bool [H, W]
+    visible part, "visible_fraction"}]). Later shapes occlude earlier ones; masks are the visible parts."""
     h, w = image_size
-    image = _background(rng, h, w)
+    image = _background(rng, h, w, background)
     owner = np.full((h, w), -1, dtype=np.int64)  # index of the instance that owns each pixel
     labels: list[int] = []
     full_areas: list[int] = []
@@ -132,7 +145,7 @@ def render_image(
     count = int(rng.integers(min_objects, max_objects + 1))
     sizes = sorted((_sample_size(rng, min(h, w), small_fraction) for _ in range(count)), reverse=True)
     for s in sizes:
-        placed = _place(rng, h, w, s, owner, full_areas)
+        placed = _place(rng, h, w, s, owner, full_areas, shapes)
         if placed is None:
             continue
         cls, window, mask = placed
@@ -172,6 +185,7 @@ def render_image(
 def _write_split(
     root: Path, split: str, count: int, first_id: int, image_size: tuple[int, int], seed: int, split_index: int,
     min_objects: int, max_objects: int, small_fraction: float, image_format: str, save: Callable,
+    shapes: Sequence[str], background: str,
 ) -> Path:  # fmt: skip
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +193,7 @@ def _write_split(
     h, w = image_size
     for k in range(count):
         rng = np.random.default_rng([seed, split_index, k])  # one stream per image: order-independent
-        pixels, instances = render_image(rng, image_size, min_objects, max_objects, small_fraction)
+        pixels, instances = render_image(rng, image_size, min_objects, max_objects, small_fraction, shapes, background)
         image_id = first_id + k
         file_name = f"{image_id:06d}.{image_format}"
         save(pixels, image_dir / file_name)
@@ -201,7 +215,7 @@ def _write_split(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(shapes)],
     }
     ann_path = root / "annotations" / f"instances_{split}.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,24 +230,34 @@ def make_synthetic_coco(
     image_size: int | Sequence[int] = (256, 256),
     seed: int = 0,
     *,
-    min_objects: int = 3,
-    max_objects: int = 10,
-    small_fraction: float = 0.35,
+    difficulty: str = "hard",
+    min_objects: int | None = None,
+    max_objects: int | None = None,
+    small_fraction: float | None = None,
     image_format: str = "jpg",
 ) -> dict[str, str]:
     """Write a COCO-format synthetic dataset under out_dir, deterministically from `seed`.
 
     Layout: out_dir/{train,val}/NNNNNN.jpg (or .png) and out_dir/annotations/instances_{train,val}.json (compressed-RLE
     segmentations of the visible parts, bbox, area, iscrowd=0, and an extra "visible_fraction" per annotation).
-    Classes are SHAPE_CLASSES (8 shapes; concave ones and ones with holes); colours are random per instance so
-    the class is the shape. `small_fraction` of the shapes (default about a third) are small (< 32^2 px). The same seed gives byte-identical json
-    and images. Returns {"root", "train_images", "train_annotations", "val_images", "val_annotations"} as str.
+    difficulty (DIFFICULTIES): "hard" draws the 8 SHAPE_CLASSES (concave ones and ones with holes) on textured
+    backgrounds, 3-10 per image, a third of them small (< 32^2 px); "easy" draws 4 well-separated shapes (ellipse,
+    triangle, cross, ring) on plain backgrounds, 1-4 per image, none small. min_objects, max_objects and
+    small_fraction override the difficulty's. Colours are random per instance, so the class is the shape. The
+    same arguments give byte-identical json and images. Returns {"root", "train_images", "train_annotations",
+    "val_images", "val_annotations"} as str.
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     h, w = (int(v) for v in image_size)
     if h < 16 or w < 16:
         raise ValueError(f"image_size must be at least 16 x 16, got {(h, w)}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+    preset = DIFFICULTIES[difficulty]
+    min_objects = preset["min_objects"] if min_objects is None else min_objects
+    max_objects = preset["max_objects"] if max_objects is None else max_objects
+    small_fraction = preset["small_fraction"] if small_fraction is None else small_fraction
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     if not 1 <= min_objects <= max_objects:
@@ -253,7 +277,8 @@ def make_synthetic_coco(
 
     root = Path(out_dir)
     common = dict(image_size=(h, w), seed=seed, min_objects=min_objects, max_objects=max_objects,
-                  small_fraction=small_fraction, image_format=fmt, save=save)  # fmt: skip
+                  small_fraction=small_fraction, image_format=fmt, save=save, shapes=preset["shapes"],
+                  background=preset["background"])  # fmt: skip
     train_ann = _write_split(root, "train", num_train, 1, split_index=0, **common)
     val_ann = _write_split(root, "val", num_val, num_train + 1, split_index=1, **common)
     return {
@@ -273,14 +298,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("--num-val", type=int, default=50)
     parser.add_argument("--size", type=int, nargs="+", default=[256], help="H [W]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-objects", type=int, default=3)
-    parser.add_argument("--max-objects", type=int, default=10)
-    parser.add_argument("--small-fraction", type=float, default=0.35, help="share of small shapes (area < 32^2)")
+    parser.add_argument("--difficulty", default="hard", choices=sorted(DIFFICULTIES))
+    parser.add_argument("--min-objects", type=int, default=None, help="default: the difficulty's")
+    parser.add_argument("--max-objects", type=int, default=None, help="default: the difficulty's")
+    parser.add_argument("--small-fraction", type=float, default=None, help="share of small shapes (area < 32^2)")
     parser.add_argument("--format", default="jpg", choices=["png", "jpg"])
     args = parser.parse_args(argv)
     size = (args.size[0], args.size[-1])
     paths = make_synthetic_coco(args.out_dir, args.num_train, args.num_val, size, args.seed,
-                                min_objects=args.min_objects, max_objects=args.max_objects,
+                                difficulty=args.difficulty, min_objects=args.min_objects, max_objects=args.max_objects,
                                 small_fraction=args.small_fraction, image_format=args.format)  # fmt: skip
     print(json.dumps(paths, indent=1))
     return paths

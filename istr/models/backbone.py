@@ -164,7 +164,13 @@ class Backbone(nn.Module):
                 raise FileNotFoundError(f"no backbone checkpoint at {checkpoint_path}")
             pretrained = True  # timm loads `file` through its pretrained path (filters the classifier)
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
-        self.body = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
+        if pretrained and checkpoint_path is None:  # fail in seconds, with what to do, where the hub is unreachable
+            from istr.hub import pretrained_weights_access
+
+            with pretrained_weights_access(name):
+                self.body = timm.create_model(name, pretrained=True, features_only=True, **kwargs)
+        else:
+            self.body = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
 
         info = self.body.feature_info
         reductions, channels = list(info.reduction()), list(info.channels())

@@ -124,8 +124,10 @@ def _preset(name: str, builder: Callable = None, **defaults: Any) -> Callable:
         kwargs = {**defaults, **overrides}
         if overrides.get("codec") is not None and "codec_config" in overrides:
             raise ValueError("pass either codec= (a built codec) or codec_config= (for the preset's codec), not both")
-        if builder is build_isda and ("codec" in overrides or "codec_config" in overrides):
+        if builder is build_isda and (overrides.get("codec") is not None or "codec_config" in overrides):
             raise ValueError(f"{name} is an ISDA model: it predicts masks directly and takes no codec")
+        if builder is build_isda:
+            kwargs.pop("codec", None)  # codec=None: a caller passing the same keywords to either family
         model = builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
         model.preset = name
         return model

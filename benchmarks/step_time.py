@@ -1,0 +1,155 @@
+"""CPU seconds per training step: this checkout vs an earlier commit vs torchvision Mask R-CNN, side by side.
+
+    python benchmarks/step_time.py --baseline 852437f --threads 2 --rounds 3 --iters 12
+
+The step is the demo's configuration before the easy data (istr_tiny, 20 queries, 128 px images, batch 8,
+denoising x2, AdamW, the public Trainer's train_step with data loading) on the hard synthetic set the demo used
+then (1,000 images; generated once). The baseline is the same code path of another commit, extracted with
+`git archive` into a temporary folder and imported from there. Mask R-CNN is benchmarks/train_budget.py's
+R18-FPN on the same data, batch and Trainer. Each measurement runs in its own process, the three alternate
+for --rounds rounds, and each reports the median of --iters steps after 3 warm-up steps; the table gives the
+median over rounds and the ratios. Writes benchmarks/results/step_time_cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# only API that both the baseline and this checkout offer
+_ISTR_STEP = r"""
+import json, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+import istr
+from istr.data import CocoInstances, build_transforms
+from istr.engine import TrainConfig, Trainer, coco_mask_grids
+data, iters = sys.argv[1], int(sys.argv[3])
+codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
+codec.fit(coco_mask_grids(data + "/annotations/instances_train.json", 28))
+train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.json",
+                          transforms=build_transforms(True, crop_prob=0.0))
+torch.manual_seed(0)
+model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, num_queries=20, min_size=128,
+                          max_size=128, train_min_sizes=None, detections_per_image=50, denoising_groups=2)
+cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
+                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
+trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
+times = []
+for i in range(iters + 3):
+    t0 = time.perf_counter()
+    trainer.train_step()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"median": statistics.median(times[3:]), "times": times[3:]}))
+"""
+
+_MASK_RCNN_STEP = r"""
+import json, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+sys.path.insert(0, sys.argv[5])
+from train_budget import build_mask_rcnn
+from istr.data import CocoInstances, build_transforms
+from istr.engine import TrainConfig, Trainer
+data, iters = sys.argv[1], int(sys.argv[3])
+train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.json",
+                          transforms=build_transforms(True, crop_prob=0.0))
+torch.manual_seed(0)
+model = build_mask_rcnn(train_set.num_classes, 128)
+cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
+                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
+trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
+times = []
+for i in range(iters + 3):
+    t0 = time.perf_counter()
+    trainer.train_step()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"median": statistics.median(times[3:]), "times": times[3:]}))
+"""
+
+
+def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code, str(data), str(threads), str(iters),
+                          tempfile.mkdtemp(dir=work), str(REPO / "benchmarks")],
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"step timing failed ({pythonpath}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["median"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default="852437f", help="git commit to compare with (default: 852437f)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=12, help="timed steps per measurement (after 3 warm-up steps)")
+    p.add_argument("--work", default=None, help="folder for the data and the baseline tree (default: a temp dir)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from istr.data import make_synthetic_coco
+    from istr.demo import machine_info
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="istr_step_time_"))
+    data = work / "data_hard_128"
+    if not (data / "annotations" / "instances_train.json").is_file():
+        make_synthetic_coco(data, num_train=1000, num_val=0, image_size=128, seed=0, difficulty="hard",
+                            min_objects=2, max_objects=8)
+    baseline = work / f"tree_{args.baseline}"
+    if not baseline.is_dir():
+        baseline.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "istr"], capture_output=True,
+                                text=True).stdout.strip())
+    rows: dict[str, list[float]] = {"baseline": [], "current": [], "mask_rcnn": []}
+    for r in range(args.rounds):
+        rows["baseline"].append(_run(_ISTR_STEP, baseline, data, args.threads, args.iters, work))
+        rows["current"].append(_run(_ISTR_STEP, REPO, data, args.threads, args.iters, work))
+        rows["mask_rcnn"].append(_run(_MASK_RCNN_STEP, REPO, data, args.threads, args.iters, work))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in rows.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    result = {"baseline_commit": args.baseline, "current_commit": head + ("+uncommitted" if dirty else ""),
+              "threads": args.threads, "rounds": args.rounds, "iters_per_measurement": args.iters,
+              "seconds_per_step": rows, "median_seconds_per_step": med,
+              "ratio_current_to_baseline": med["current"] / med["baseline"],
+              "ratio_current_to_mask_rcnn": med["current"] / med["mask_rcnn"], "machine": machine_info()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_time_cpu.json").write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    table = "\n".join(f"| {name} | " + " | ".join(f"{t:.3f}" for t in rows[key]) + f" | **{med[key]:.3f}** |"
+                      for key, name in (("baseline", f"ISTR at {args.baseline}"),
+                                        ("current", f"ISTR at {result['current_commit']}"),
+                                        ("mask_rcnn", "Mask R-CNN R18-FPN")))
+    md = f"""# Training step time on CPU: ISTR now vs {args.baseline}, and Mask R-CNN
+
+`python benchmarks/step_time.py --baseline {args.baseline} --threads {args.threads} --rounds {args.rounds} --iters {args.iters}`:
+the demo's configuration before the easy data (istr_tiny, 20 queries, 128 px, batch 8, denoising x2, AdamW, the
+public Trainer's train_step with data loading) on the hard synthetic set; seconds per step, median of {args.iters}
+steps per process, processes alternating.
+
+| | {' | '.join(f'round {i + 1}' for i in range(args.rounds))} | median |
+|---|{'---|' * (args.rounds + 1)}
+{table}
+
+**Current / baseline: {result['ratio_current_to_baseline']:.2f}x**; current / Mask R-CNN: {result['ratio_current_to_mask_rcnn']:.2f}x.
+
+Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads ({m['cpu_capability']}), torch {m['torch']};
+load average at the end {m.get('load_average_1m')}.
+"""
+    (out / "step_time_cpu.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
