@@ -439,6 +439,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if names is None and getattr(model, "categories", None):  # the training set's categories, saved with the model
         names = [str(c.get("name", i)) for i, c in enumerate(model.categories)]
     out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").unlink(missing_ok=True)  # a failure below must not leave an earlier run's results
     records = []
     for path in args.images:
         image = load_image(path)

@@ -358,6 +358,22 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
+    def check_files(self, indices: Sequence[int] | None = None) -> None:
+        """FileNotFoundError listing the image files (of `indices`, default all) that are missing or empty: a
+        fast existence pass the Trainer runs before its first step, so a missing file does not stop training at
+        an arbitrary iteration."""
+        missing = []
+        for i in range(len(self)) if indices is None else indices:
+            path = self.image_path(i)
+            try:
+                if path.stat().st_size == 0:
+                    missing.append(f"{path} (empty)")
+            except OSError:
+                missing.append(str(path))
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image files of {self.ann_file} are missing or empty under "
+                                    f"{self.image_dir}, e.g. {missing[:3]}")
+
     def image_path(self, index: int) -> Path:
         return self.image_dir / self._records[index]["file_name"]
 

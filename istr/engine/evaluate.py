@@ -360,6 +360,7 @@ def evaluate(
     if coco_gt is None or label_to_category_id is None:
         raise ValueError("evaluate needs the ground truth: pass a CocoInstances dataset, "
                          "or coco_gt= and label_to_category_id=")
+    _check_categories(model, coco_gt, label_to_category_id)
     if getattr(base, "include_empty", True) is False and getattr(base, "stats", {}).get("images_without_annotations"):
         logger.warning("evaluating without the %d images that have no annotations (dataset built with "
                        "include_empty=False); COCO protocol scores all images",
@@ -409,6 +410,27 @@ def evaluate(
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
     return metrics
+
+
+def _check_categories(model: torch.nn.Module, coco_gt: COCO, label_to_category_id: Any) -> None:
+    """Refuse to score a model against ground truth whose label -> category mapping is not the model's: a different
+    class count, or (for a model that carries its training categories) other category ids or names per label. Such
+    an evaluation runs without error and reports a meaningless AP (an extra "background" category: 59.5 -> 5.2)."""
+    ids = [int(label_to_category_id[i]) for i in range(len(label_to_category_id))] \
+        if isinstance(label_to_category_id, Sequence) else None
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and ids is not None and num_classes != len(ids):
+        raise ValueError(f"the model predicts {num_classes} classes but the evaluation data has {len(ids)} categories "
+                         f"{[coco_gt.cats[i]['name'] for i in ids[:5]]}...: labels would map to the wrong categories")
+    categories = getattr(model, "categories", None)
+    if categories is None or ids is None:
+        return
+    data = [{"id": i, "name": str(coco_gt.cats[i]["name"])} for i in ids]
+    diffs = [f"label {k}: model {m['id']} {m['name']!r} vs data {d['id']} {d['name']!r}"
+             for k, (m, d) in enumerate(zip(categories, data)) if (int(m["id"]), str(m["name"])) != (d["id"], d["name"])]
+    if diffs:
+        raise ValueError(f"the evaluation data's categories are not the model's ({len(diffs)} labels differ: "
+                         f"{'; '.join(diffs[:3])}); evaluate on data with the training set's categories")
 
 
 def _score(coco_gt: COCO, per_image: dict, iou_types: Sequence[str], results_path, all_stages: bool) -> dict:

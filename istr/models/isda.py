@@ -14,7 +14,7 @@ from istr.losses.targets import check_targets, mask_targets
 from istr.models.backbone import build_backbone
 from istr.models.deformable import DeformableTransformer, level_masks
 from istr.models.isda_heads import KernelHead, MaskFeatureHead, mask_logits
-from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images, grouped
 
 __all__ = ["ISDA", "ISDA_COSTS", "ISDA_LOSSES"]
 
@@ -36,7 +36,8 @@ class ISDA(nn.Module):
     The poster's ablations are arguments: `mask_stride` 8 | 4 | 2 (MFR resolution), `mask_position`
     (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
     As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
-    come from the query embedding alone. Boxes are the tight boxes of the predicted masks.
+    come from the query embedding alone. Boxes are the tight boxes of the predicted masks. In eval mode images
+    are batched only with images of the same padded size (an image's result does not depend on the batch).
     """
 
     # construction keys that may differ when loading weights into an existing model
@@ -135,9 +136,20 @@ class ISDA(nn.Module):
             if self.criterion is None:
                 raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
             check_targets(targets, original_sizes, self.num_classes)
-        elif targets is not None:
-            raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
-                             "to compute losses, or drop the targets to predict")
+        else:
+            if targets is not None:
+                raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
+                                 "to compute losses, or drop the targets to predict")
+            # images of other padded sizes run apart: each result is the image's result alone (batch-independent)
+            return grouped(self._infer, images, self.transform.same_size_groups(images), all_stages)
+        return self._forward(images, original_sizes, targets, all_stages)
+
+    def _infer(self, images: list[torch.Tensor], all_stages: bool) -> Any:
+        return self._forward(images, [(int(i.shape[-2]), int(i.shape[-1])) for i in images], None, all_stages)
+
+    def _forward(self, images: list[torch.Tensor], original_sizes: list[tuple[int, int]],
+                 targets: list[dict[str, torch.Tensor]] | None, all_stages: bool) -> Any:
+        device = self.class_embed.weight.device
         batch, sizes = self.transform(images)
         features = self.backbone(batch)
         if len(features) != 5:

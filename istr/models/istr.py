@@ -14,7 +14,7 @@ from istr.losses.criterion import criterion_config, criterion_from_config
 from istr.losses.targets import box_targets, check_targets
 from istr.models.backbone import build_backbone
 from istr.models.head import ISTRStage
-from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images, grouped
 from istr.ops.roi_align import PyramidTable
 
 __all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
@@ -32,6 +32,9 @@ class ISTR(nn.Module):
     - eval mode: list of {"boxes": [N, 4] xyxy original pixels, "labels": int64 [N], "scores": [N],
       "masks": float [N, 1, H, W] in [0, 1]}, N <= detections_per_image; with all_stages=True a list over
       stages of such lists, from one forward.
+
+    In eval mode images are batched only with images of the same padded size (ImageTransform.same_size_groups),
+    so an image's result does not depend on the other images of the batch (it is the result it gets alone).
 
     Modules are injected: `backbone` (maps [B, 3, H, W] to 4 maps of `hidden_dim` channels at strides 4..32,
     e.g. istr.models.Backbone), `codec` (a MaskCodec; may still be unfitted at construction, it is checked at
@@ -189,20 +192,14 @@ class ISTR(nn.Module):
             if self.criterion is None:
                 raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
             check_targets(targets, original_sizes, self.num_classes)
-        elif targets is not None:
-            raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
-                             "to compute losses, or drop the targets to predict")
+        else:
+            if targets is not None:
+                raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
+                                 "to compute losses, or drop the targets to predict")
+            # images of other padded sizes run apart: each result is the image's result alone (batch-independent)
+            return grouped(self._infer, images, self.transform.same_size_groups(images), all_stages)
         batch, sizes = self.transform(images)
-        features = self.backbone(batch)
-        if len(features) != len(self.strides):
-            raise ValueError(f"the backbone returned {len(features)} feature maps, expected {len(self.strides)}")
-        table = PyramidTable(features, self.strides)  # the RoIAlign source of every stage, built once
-        if not self.training:
-            stage_outputs, _ = self._run_stages(features, table, sizes, with_masks=False)
-            stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
-            results = [self.transform.postprocess(self._detections(stage_outputs, s, table), sizes, original_sizes,
-                                                  self.mask_threshold) for s in stage_ids]
-            return results if all_stages else results[0]
+        features, table = self._features(batch)
         prepared = box_targets(targets, original_sizes, sizes, self.codec.mask_size, self.query_boxes.device,
                                self.codec)
         denoising = self._denoising_queries(features, sizes, prepared) if self.denoising_groups else None
@@ -211,6 +208,23 @@ class ISTR(nn.Module):
         strip = lambda outputs: [{k: o[k] for k in keys} for o in outputs]  # noqa: E731
         extra = {} if denoising is None else {"denoising": (strip(dn_outputs), denoising[2])}
         return self.criterion(strip(stage_outputs), prepared, {"codec": self.codec}, **extra)
+
+    def _features(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], PyramidTable]:
+        features = self.backbone(batch)
+        if len(features) != len(self.strides):
+            raise ValueError(f"the backbone returned {len(features)} feature maps, expected {len(self.strides)}")
+        return features, PyramidTable(features, self.strides)  # the RoIAlign source of every stage, built once
+
+    def _infer(self, images: list[torch.Tensor], all_stages: bool) -> Any:
+        """Results of images padded alike (see ImageTransform.same_size_groups)."""
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, sizes = self.transform(images)
+        features, table = self._features(batch)
+        stage_outputs, _ = self._run_stages(features, table, sizes, with_masks=False)
+        stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
+        results = [self.transform.postprocess(self._detections(stage_outputs, s, table), sizes, original_sizes,
+                                              self.mask_threshold) for s in stage_ids]
+        return results if all_stages else results[0]
 
     def _pooled(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor | None:
         """The image-pool part of the initial queries [B, d]: average (or max) per level, summed over levels (not

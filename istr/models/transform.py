@@ -101,6 +101,17 @@ class ImageTransform(nn.Module):
             batch[b, :, : img.shape[1], : img.shape[2]] = img
         return batch, sizes
 
+    def same_size_groups(self, images: list[torch.Tensor]) -> list[list[int]]:
+        """Image indices grouped by the padded size each image gets on its own (eval-mode resize, rounded up to
+        size_divisible). A batch of one group is padded exactly as each of its images alone, so models that run
+        inference group by group give every image the result it gets alone, whatever else is in the batch."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        div = self.size_divisible
+        for i, img in enumerate(images):
+            h, w = self.resized_size(int(img.shape[-2]), int(img.shape[-1]), self.min_size)
+            groups.setdefault((-(-h // div) * div, -(-w // div) * div), []).append(i)
+        return list(groups.values())
+
     @staticmethod
     def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
         """Rescale [N, 4] absolute xyxy boxes from an image of size (h, w) `from_size` to `to_size`."""
@@ -149,3 +160,18 @@ class ImageTransform(nn.Module):
                 masks = (masks >= mask_threshold).float()
             results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks[:, None]})
         return results
+
+
+def grouped(infer, images: list[torch.Tensor], groups: list[list[int]], all_stages: bool) -> Any:
+    """Run `infer(images of one group, all_stages)` per group and put the results back in input order
+    (a list of per-image results, or with all_stages a list over stages of such lists)."""
+    if len(groups) == 1:
+        return infer(images, all_stages)
+    parts = [(group, infer([images[i] for i in group], all_stages)) for group in groups]
+    num_stages = len(parts[0][1]) if all_stages else 1
+    merged: list[list[Any]] = [[None] * len(images) for _ in range(num_stages)]
+    for group, out in parts:
+        for stage, results in enumerate(out if all_stages else [out]):
+            for i, result in zip(group, results):
+                merged[stage][i] = result
+    return merged if all_stages else merged[0]

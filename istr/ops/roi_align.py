@@ -103,6 +103,9 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
         raise ValueError(f"boxes are for {b} images but the feature maps hold {table.batch}")
     dtype = torch.promote_types(table.table.dtype, torch.float32)  # coordinates at least in float32
     rois = boxes.reshape(-1, 4).detach().to(dtype)
+    # a box with NaN/inf (a diverged model) samples nowhere and yields NaN features, without a device sync
+    broken = ~torch.isfinite(rois).all(1)
+    rois = rois.masked_fill(broken[:, None], 0.0)
     dev, r, s, sr = rois.device, rois.shape[0], int(output_size), int(sampling_ratio)
     levels = fpn_levels(rois, table.strides) if len(table.strides) > 1 else torch.zeros(r, dtype=torch.long, device=dev)
     heights = torch.tensor(table.heights, device=dev)[levels]
@@ -124,4 +127,5 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
     bags = lambda t: t.view(r, s, sr, s, sr, 4).permute(0, 1, 3, 2, 4, 5).reshape(r * s * s, sr * sr * 4)  # noqa: E731
     weight = bags(weight).to(table.table.dtype) / (sr * sr)
     out = _WeightedGather.apply(table.table, bags(index), weight).view(r, s * s, table.channels)
+    out = out.masked_fill(broken[:, None, None], float("nan"))
     return out if tokens else out.transpose(1, 2).reshape(r, table.channels, s, s)
