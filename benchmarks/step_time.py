@@ -24,54 +24,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
-# only API that both the baseline and this checkout offer
-_ISTR_STEP = r"""
+# a process timing train_step; {build} makes `model` (only API that both the baseline and this checkout offer)
+_STEP = r"""
 import json, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
+sys.path.insert(0, sys.argv[5])
 import istr
 from istr.data import CocoInstances, build_transforms
 from istr.engine import TrainConfig, Trainer, coco_mask_grids
 data, iters = sys.argv[1], int(sys.argv[3])
+train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.json",
+                          transforms=build_transforms(True, crop_prob=0.0))
+torch.manual_seed(0)
+{build}
+cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
+                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
+trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
+times = []
+for i in range(iters + 3):
+    t0 = time.perf_counter()
+    trainer.train_step()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({{"median": statistics.median(times[3:]), "times": times[3:]}}))
+"""
+_ISTR_STEP = _STEP.format(build="""
 codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
 codec.fit(coco_mask_grids(data + "/annotations/instances_train.json", 28))
-train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.json",
-                          transforms=build_transforms(True, crop_prob=0.0))
-torch.manual_seed(0)
 model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, num_queries=20, min_size=128,
-                          max_size=128, train_min_sizes=None, detections_per_image=50, denoising_groups=2)
-cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
-                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
-trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
-times = []
-for i in range(iters + 3):
-    t0 = time.perf_counter()
-    trainer.train_step()
-    times.append(time.perf_counter() - t0)
-print(json.dumps({"median": statistics.median(times[3:]), "times": times[3:]}))
-"""
-
-_MASK_RCNN_STEP = r"""
-import json, statistics, sys, time, torch
-torch.set_num_threads(int(sys.argv[2]))
-sys.path.insert(0, sys.argv[5])
+                          max_size=128, train_min_sizes=None, detections_per_image=50, denoising_groups=2)""")
+_MASK_RCNN_STEP = _STEP.format(build="""
 from train_budget import build_mask_rcnn
-from istr.data import CocoInstances, build_transforms
-from istr.engine import TrainConfig, Trainer
-data, iters = sys.argv[1], int(sys.argv[3])
-train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.json",
-                          transforms=build_transforms(True, crop_prob=0.0))
-torch.manual_seed(0)
-model = build_mask_rcnn(train_set.num_classes, 128)
-cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
-                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
-trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
-times = []
-for i in range(iters + 3):
-    t0 = time.perf_counter()
-    trainer.train_step()
-    times.append(time.perf_counter() - t0)
-print(json.dumps({"median": statistics.median(times[3:]), "times": times[3:]}))
-"""
+model = build_mask_rcnn(train_set.num_classes, 128)""")
 
 
 def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> float:

@@ -14,12 +14,38 @@ import torch.nn.functional as F
 
 from istr.ops.masks import crop_masks
 
-__all__ = ["check_targets", "box_targets", "mask_targets"]
+__all__ = ["check_call", "check_targets", "box_targets", "mask_targets"]
 
 
 def _scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
     sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+
+def check_call(model: Any, images: Any, targets: Any, all_stages: bool,
+               device: torch.device) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """The checks of a detection model's forward(images, targets, all_stages), shared by the families: valid
+    images on `device`; in train mode targets (checked) and a criterion, no all_stages; in eval mode no targets.
+    Returns (images as a list, their (h, w) sizes)."""
+    from istr.models.transform import check_images
+
+    images = check_images(images)
+    if any(img.device != device for img in images):
+        raise ValueError(f"images must be on the model's device {device}, got {sorted({str(i.device) for i in images})}")
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    if model.training:
+        if all_stages:
+            raise ValueError("all_stages=True is an inference option; call model.eval() first")
+        if targets is None:
+            raise ValueError("training mode needs targets (list of dicts with boxes, labels, masks); "
+                             "call model.eval() for inference")
+        if model.criterion is None:
+            raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
+        check_targets(targets, sizes, model.num_classes)
+    elif targets is not None:
+        raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
+                         "to compute losses, or drop the targets to predict")
+    return images, sizes
 
 
 def check_targets(targets: Any, image_sizes: Sequence[tuple[int, int]], num_classes: int) -> None:

@@ -10,11 +10,11 @@ from torch import nn
 
 from istr.io import register_architecture
 from istr.losses.criterion import criterion_config, criterion_from_config
-from istr.losses.targets import check_targets, mask_targets
+from istr.losses.targets import check_call, mask_targets
 from istr.models.backbone import build_backbone
 from istr.models.deformable import DeformableTransformer, level_masks
 from istr.models.isda_heads import KernelHead, MaskFeatureHead, mask_logits
-from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, check_images, grouped
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, grouped
 
 __all__ = ["ISDA", "ISDA_COSTS", "ISDA_LOSSES"]
 
@@ -122,25 +122,8 @@ class ISDA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
                 all_stages: bool = False) -> Any:
-        images = check_images(images)
-        device = self.class_embed.weight.device
-        if any(img.device != device for img in images):
-            raise ValueError(f"images must be on the model's device {device}, got {sorted({str(i.device) for i in images})}")
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        if self.training:
-            if all_stages:
-                raise ValueError("all_stages=True is an inference option; call model.eval() first")
-            if targets is None:
-                raise ValueError("training mode needs targets (list of dicts with boxes, labels, masks); "
-                                 "call model.eval() for inference")
-            if self.criterion is None:
-                raise ValueError("this model has no criterion; build it with criterion=SetCriterion(...) to train")
-            check_targets(targets, original_sizes, self.num_classes)
-        else:
-            if targets is not None:
-                raise ValueError("targets were given in eval mode, where they would be ignored: call model.train() "
-                                 "to compute losses, or drop the targets to predict")
-            # images of other padded sizes run apart: each result is the image's result alone (batch-independent)
+        images, original_sizes = check_call(self, images, targets, all_stages, self.class_embed.weight.device)
+        if not self.training:  # images of other padded sizes run apart: each result is the image's alone
             return grouped(self._infer, images, self.transform.same_size_groups(images), all_stages)
         return self._forward(images, original_sizes, targets, all_stages)
 
