@@ -1,7 +1,11 @@
-"""Inference latency: ISTR (istr_r50_fpn_pca60) vs torchvision Mask R-CNN R50-FPN, random weights, same input.
+"""Inference latency: ISTR (istr_r50_fpn_pca60) and ISDA (isda_r50) vs torchvision Mask R-CNN R50-FPN, random
+weights, same input.
 
-Both models run batch 1 on the same image in one process, alternating run by run so that both see the same
-machine load; the script prints both medians and the ratio ISTR / Mask R-CNN, and writes JSON if --out is given.
+All models run batch 1 on the same image in one process, alternating run by run so that all see the same
+machine load; the script prints the medians and the ratios to Mask R-CNN, and writes JSON if --out is given.
+ISDA (--no-isda to skip it) runs its deformable encoder over P3..P6 (about 20k tokens at 800x1216), six decoder
+layers over 300 queries and the mask feature map at 1/4; its top-100 masks are scored by maskness, empty ones
+dropped, the rest resized to the image (no pasting into boxes).
 It also times ISTR's transform + ResNet-50 + FPN alone (the part both models share): its ratio to Mask R-CNN
 is the floor that no ISTR head, however cheap, can go below.
 
@@ -77,17 +81,22 @@ def calibrate_threshold(model: torch.nn.Module, image: torch.Tensor, candidates:
 def markdown(result: dict) -> str:
     """A short markdown report of one run."""
     med, fps = result["median_s"], result["fps"]
-    lines = ["# Inference latency: ISTR (istr_r50_fpn_pca60) vs Mask R-CNN R50-FPN", "",
+    lines = ["# Inference latency: ISTR (istr_r50_fpn_pca60) and ISDA (isda_r50) vs Mask R-CNN R50-FPN", "",
              f"device {result['device']}, {result['threads']} thread(s), input {result['input'][0]}x{result['input'][1]}, "
              f"{result['dtype']}, batch 1, median of {result['repeats']} alternating runs, random weights, "
              f"torch {result['torch']}.", "",
              "| model | median (ms) | FPS | detections | mean box area / image |", "|---|---|---|---|---|"]
-    for key, label in (("istr", "ISTR"), ("maskrcnn", "Mask R-CNN"), ("backbone_fpn", "ResNet-50 + FPN alone")):
+    for key, label in (("istr", "ISTR"), ("isda", "ISDA"), ("maskrcnn", "Mask R-CNN"),
+                       ("backbone_fpn", "ResNet-50 + FPN alone")):
+        if key not in med:
+            continue
         det = result["detections"].get(key, {})
         lines.append(f"| {label} | {med[key] * 1000:.0f} | {fps[key]:.2f} | {det.get('detections', '-')} | "
                      f"{det.get('mean_box_area_fraction', '-')} |")
+    isda = (f"; ISDA / Mask R-CNN: **{result['ratio_isda_over_maskrcnn']:.3f}**"
+            if "ratio_isda_over_maskrcnn" in result else "")
     lines += ["", f"Ratio ISTR / Mask R-CNN: **{result['ratio_istr_over_maskrcnn']:.3f}** (floor from the shared "
-              f"backbone + FPN: {result['ratio_backbone_fpn_over_maskrcnn']:.3f}). Mask R-CNN box_score_thresh "
+              f"backbone + FPN: {result['ratio_backbone_fpn_over_maskrcnn']:.3f}){isda}. Mask R-CNN box_score_thresh "
               f"{result['maskrcnn_box_score_thresh']:.4g} (calibrated; see the script's docstring); ISTR boxes: "
               f"{result['istr_boxes']}.", ""]
     return "\n".join(lines)
@@ -111,6 +120,7 @@ def main() -> None:
                         help="Mask R-CNN box_score_thresh; default: calibrated to --candidates")
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--istr-boxes", choices=["random", "whole"], default="random")
+    parser.add_argument("--no-isda", action="store_true", help="leave ISDA (isda_r50) out")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here (+ .md beside it)")
     args = parser.parse_args()
 
@@ -151,10 +161,13 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - start, {}
 
-    times: dict[str, list[float]] = {"istr": [], "maskrcnn": [], "backbone_fpn": []}
-    dets = {}
     runs = {"istr": lambda: run(istr_model), "maskrcnn": lambda: run(mrcnn),
             "backbone_fpn": lambda: run_backbone(istr_model)}
+    if not args.no_isda:
+        isda_model = create_model("isda_r50").to(device).eval()
+        runs["isda"] = lambda: run(isda_model)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    dets = {}
     for i in range(args.warmup + args.repeats):
         for name, fn in runs.items():  # alternate: all see the same machine load
             seconds, info = fn()
@@ -168,14 +181,18 @@ def main() -> None:
               "detections": dets, "median_s": med, "all_s": times, "ratio_istr_over_maskrcnn": med["istr"] / med["maskrcnn"],
               "ratio_backbone_fpn_over_maskrcnn": med["backbone_fpn"] / med["maskrcnn"],
               "fps": {k: 1.0 / v for k, v in med.items()}, "torch": torch.__version__}
+    if "isda" in med:
+        result["ratio_isda_over_maskrcnn"] = med["isda"] / med["maskrcnn"]
     print(f"device {device}, threads {result['threads']}, input {args.height}x{args.width}, {args.dtype}, "
           f"{args.repeats} repeats (+{args.warmup} warm-up), alternating")
-    print(f"Mask R-CNN box_score_thresh {thresh:.5g}; ISTR {dets['istr']}; Mask R-CNN {dets['maskrcnn']}")
-    for k in ("istr", "maskrcnn", "backbone_fpn"):
+    print(f"Mask R-CNN box_score_thresh {thresh:.5g}; ISTR {dets['istr']}; Mask R-CNN {dets['maskrcnn']}"
+          + (f"; ISDA {dets['isda']}" if "isda" in dets else ""))
+    for k in med:
         print(f"{k:>12}: median {med[k] * 1000:8.1f} ms  ({result['fps'][k]:.2f} FPS)  runs "
               + " ".join(f"{t * 1000:.0f}" for t in times[k]))
     print(f"ratio ISTR / Mask R-CNN = {result['ratio_istr_over_maskrcnn']:.3f}  (floor set by the shared "
-          f"ResNet-50 + FPN alone: {med['backbone_fpn'] / med['maskrcnn']:.3f})")
+          f"ResNet-50 + FPN alone: {med['backbone_fpn'] / med['maskrcnn']:.3f})"
+          + (f"; ISDA / Mask R-CNN = {result['ratio_isda_over_maskrcnn']:.3f}" if "isda" in med else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
