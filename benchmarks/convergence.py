@@ -3,7 +3,8 @@
     python benchmarks/convergence.py --out runs/convergence --iters 1500 --eval-every 250 --device cuda \
         --variants base lr1e-3 b4
 
-Each variant is the demo's settings (istr.demo.DEMO_DATA / DEMO_MODEL / DEMO_TRAIN) with overrides from VARIANTS;
+Each variant is the demo's settings on the hard data (istr.demo.DEMO_DATA["hard"] / DEMO_MODEL / DEMO_TRAIN) with
+overrides from VARIANTS (the easy data: a "data" override {"difficulty": "easy", "image_size": 96, ...});
 each runs in its own process (--jobs at a time) with a fixed iteration count, so a GPU can say in minutes which
 settings learn fastest per iteration; `--time-cpu` instead times a few CPU iterations of each variant (what one
 iteration costs in the demo's real setting), and `--probe LR ...` trains the backbone alone as a classifier at the
@@ -55,7 +56,7 @@ def merged(name: str, extra: dict[str, dict[str, Any]] | None = None) -> dict[st
     over = {**VARIANTS.get(name, {})}
     for part, values in (extra or {}).items():
         over[part] = {**over.get(part, {}), **values}
-    return {"data": {**DEMO_DATA, **over.get("data", {})}, "model": {**DEMO_MODEL, **over.get("model", {})},
+    return {"data": {**DEMO_DATA["hard"], **over.get("data", {})}, "model": {**DEMO_MODEL, **over.get("model", {})},
             "train": {**DEMO_TRAIN, **over.get("train", {})}}
 
 

@@ -2,10 +2,12 @@
 
     python benchmarks/train_budget.py --minutes 10 --out benchmarks/results/train_budget
 
-ISTR is trained by istr.demo.run_demo (synthetic shapes, PCA codec, istr_tiny). Mask R-CNN is torchvision's
-MaskRCNN on a ResNet-18 FPN (ISTR-tiny's backbone family, weights=None, trainable BatchNorm, anchors scaled to the
-small images), trained by the same istr Trainer (same sampler, flips, AdamW, warmup, clipping, budget-fitted step
-decay) and scored by the same istr.engine.evaluate (pycocotools). Writes train_budget.json and train_budget.md.
+ISTR is the demo's model and settings (istr.demo: synthetic shapes, --data easy or hard, PCA-60, istr_tiny with
+denoising x2). Mask R-CNN is torchvision's MaskRCNN on a ResNet-18 FPN (ISTR-tiny's backbone family, weights=None,
+trainable BatchNorm, anchors scaled to the small images). Both are trained by the same istr Trainer (same sampler,
+flips, AdamW, warmup, clipping, and an lr decay at 80% of the steps the budget allows:
+istr.engine.callbacks.ScheduleToBudget) and scored by the same istr.engine.evaluate (pycocotools). Writes
+train_budget.json and train_budget.md.
 """
 from __future__ import annotations
 
@@ -64,34 +66,33 @@ def build_mask_rcnn(num_classes: int, image_size: int, backbone: str = "resnet18
     return TorchvisionDetector(model)
 
 
-def train_mask_rcnn(data_dir: Path, out_dir: Path, minutes: float, lr: float, batch_size: int, seed: int,
-                    progress: bool) -> dict[str, Any]:
+def train_in_budget(model: nn.Module, data_dir: Path, out_dir: Path, minutes: float, lr: float, backbone_lr_mult: float,
+                    batch_size: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Train `model` for `minutes` with the demo's recipe and a budget-fitted lr decay; evaluate on the val split."""
     from istr.data import CocoInstances, build_transforms
-    from istr.demo import DEMO_TRAIN, fit_schedule_to_budget
+    from istr.demo import DEMO_TRAIN
+    from istr.engine.callbacks import ScheduleToBudget
     from istr.engine.evaluate import evaluate
     from istr.engine.train import TrainConfig, Trainer
 
     train_set = CocoInstances(data_dir / "train", data_dir / "annotations" / "instances_train.json",
                               transforms=build_transforms(True, crop_prob=0.0))
     val_set = CocoInstances(data_dir / "val", data_dir / "annotations" / "instances_val.json", include_empty=True)
-    image_size = int(train_set[0][0].shape[-1])
-    torch.manual_seed(seed)
-    model = build_mask_rcnn(train_set.num_classes, image_size)
-    cfg = TrainConfig(lr=lr, batch_size=batch_size, max_iters=None, max_minutes=minutes,
-                      warmup_iters=DEMO_TRAIN["warmup_iters"], milestones=(), gamma=DEMO_TRAIN["gamma"],
-                      clip_grad_norm=DEMO_TRAIN["clip_grad_norm"], seed=seed, checkpoint_every=0, log_every=10,
-                      progress=progress, device="cpu", eval_at_end=False)
-    trainer = Trainer(model, train_set, cfg, out_dir=out_dir,
-                      callbacks=[fit_schedule_to_budget(20, DEMO_TRAIN["decay_at"])])
+    cfg = TrainConfig(lr=lr, backbone_lr_mult=backbone_lr_mult, batch_size=batch_size, max_iters=None,
+                      max_minutes=minutes, warmup_iters=DEMO_TRAIN["warmup_iters"], milestones=(),
+                      gamma=DEMO_TRAIN["gamma"], clip_grad_norm=DEMO_TRAIN["clip_grad_norm"], seed=seed,
+                      checkpoint_every=0, log_every=10, progress=progress, device="cpu", eval_at_end=False)
+    trainer = Trainer(model, train_set, cfg, out_dir=out_dir, overwrite=True,
+                      callbacks=[ScheduleToBudget(DEMO_TRAIN["decay_at"])])
     result = trainer.train()
     t0 = time.perf_counter()
     metrics = evaluate(model, val_set, progress=False)
     return {"metrics": {k: metrics[k] for k in ("bbox", "segm")}, "iterations": result.iterations,
             "train_seconds": round(result.elapsed_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-            "images_seen": result.iterations * batch_size, "lr": lr, "batch_size": batch_size,
-            "milestones": list(cfg.milestones), "parameters": sum(p.numel() for p in model.parameters()),
-            "model": "torchvision MaskRCNN, resnet18 FPN (weights=None, BatchNorm), anchors 8-128, "
-                     "64 RoIs/image, 2x128 mask head"}
+            "images_seen": result.iterations * batch_size, "lr": f"{lr:g}" + (
+                f" (backbone {lr * backbone_lr_mult:g})" if backbone_lr_mult != 1.0 else ""),
+            "batch_size": batch_size, "milestones": list(cfg.milestones),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -110,8 +111,7 @@ def _markdown(report: dict[str, Any]) -> str:
               f"{mach['torch_threads']} torch threads, torch {mach['torch']}; load average at start "
               f"{mach.get('load_average_1m')} (above the core count means the CPU was shared).",
               "Both trained by istr.engine.Trainer (AdamW, warmup, grad clip 1.0, h-flip, lr x0.1 at 80% of the "
-              "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval).",
-              f"ISTR's run: {report.get('istr_run', 'run by this script (run_demo)')}; AP in %."]
+              "iterations that fit the budget) and scored by istr.engine.evaluate (pycocotools COCOeval); AP in %."]
     if report["runs"][MASK_RCNN].get("reused_from"):
         was = report["runs"][MASK_RCNN]["machine"]
         lines.append(f"Mask R-CNN's run: reused from {report['runs'][MASK_RCNN]['reused_from']} (same data and "
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--maskrcnn-lr", type=float, default=1e-4, help="AdamW lr for Mask R-CNN")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--istr-metrics", type=Path, default=None,
-                        help="reuse a finished demo's metrics.json (its data/ folder is reused too)")
+    parser.add_argument("--data", choices=("easy", "hard"), default="easy", help="the demo's data (default easy)")
     parser.add_argument("--maskrcnn-from", type=Path, default=None,
                         help="reuse the Mask R-CNN run of an earlier train_budget.json (its data and budget must match; "
                              "its machine is reported, not checked)")
@@ -135,37 +134,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from istr.demo import machine_info, run_demo
+    from istr.data import make_synthetic_coco
+    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, build_demo_model, fit_demo_codec, machine_info
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     machine = machine_info()  # before training: the load average tells whether the CPU was shared
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.istr_metrics is not None:
-        istr_report = json.loads(args.istr_metrics.read_text())
-        data_dir = args.istr_metrics.parent / "data"
-        if args.maskrcnn_from is not None:  # nothing trains here: report the machine the ISTR run had
-            machine = istr_report["machine"]
-    else:
-        istr_report = run_demo(args.out / "istr", minutes=args.minutes, threads=args.threads, seed=args.seed,
-                               progress=not args.no_progress)
-        data_dir = args.out / "istr" / "data"
-    istr_run = {k: istr_report[k] for k in ("metrics", "iterations", "train_seconds", "images_seen")}
-    istr_run["parameters"] = istr_report["model"]["parameters"]
-    lr, mult = istr_report["train"]["lr"], istr_report["train"].get("backbone_lr_mult", 1.0)
-    istr_run["lr"] = f"{lr:g}" + (f" (backbone {lr * mult:g})" if mult != 1.0 else "")
-    groups = istr_report["model"].get("denoising_groups", 0)
-    istr_name = "ISTR (istr_tiny, PCA-60" + (f", denoising training x{groups})" if groups else ")")
+    data_cfg = DEMO_DATA[args.data]
+    data_dir = args.out / f"data_{args.data}"
+    if not (data_dir / "done").is_file():
+        make_synthetic_coco(data_dir, **data_cfg)
+        (data_dir / "done").write_text(json.dumps(data_cfg))
+    codec, _ = fit_demo_codec(data_dir / "annotations" / "instances_train.json")
+    size = data_cfg["image_size"]
+    istr_model, _, _ = build_demo_model(data_dir, codec, {**DEMO_MODEL, "min_size": size, "max_size": size},
+                                        seed=args.seed)
+    istr_run = train_in_budget(istr_model, data_dir, args.out / "istr", args.minutes, DEMO_TRAIN["lr"],
+                               DEMO_TRAIN["backbone_lr_mult"], args.batch_size, args.seed, not args.no_progress)
+    istr_name = f"ISTR (istr_tiny, PCA-60, denoising training x{DEMO_MODEL['denoising_groups']})"
     if args.maskrcnn_from is not None:
         earlier = json.loads(args.maskrcnn_from.read_text())
-        if earlier["data"] != istr_report["data"] or earlier["minutes"] != args.minutes:
+        if earlier["data"] != data_cfg or earlier["minutes"] != args.minutes:
             raise ValueError(f"{args.maskrcnn_from} was run on other data or another budget: {earlier['data']}, "
-                             f"{earlier['minutes']} min vs {istr_report['data']}, {args.minutes} min")
+                             f"{earlier['minutes']} min vs {data_cfg}, {args.minutes} min")
         mrcnn = {**earlier["runs"][MASK_RCNN], "reused_from": str(args.maskrcnn_from), "machine": earlier["machine"]}
     else:
-        mrcnn = train_mask_rcnn(data_dir, args.out / "mask_rcnn", args.minutes, args.maskrcnn_lr, args.batch_size,
-                                args.seed, not args.no_progress)
-    report = {"minutes": args.minutes, "data": istr_report["data"], "machine": machine,
-              "istr_run": f"reused from {args.istr_metrics}" if args.istr_metrics else "run by this script (run_demo)",
+        torch.manual_seed(args.seed)
+        mrcnn = train_in_budget(build_mask_rcnn(istr_model.num_classes, size), data_dir, args.out / "mask_rcnn",
+                                args.minutes, args.maskrcnn_lr, 1.0, args.batch_size, args.seed, not args.no_progress)
+        mrcnn["model"] = ("torchvision MaskRCNN, resnet18 FPN (weights=None, BatchNorm), anchors 8-128, "
+                          "64 RoIs/image, 2x128 mask head")
+    report = {"minutes": args.minutes, "data": data_cfg, "machine": machine,
               "runs": {istr_name: istr_run, MASK_RCNN: mrcnn}}
     (args.out / "train_budget.json").write_text(json.dumps(report, indent=2))
     (args.out / "train_budget.md").write_text(_markdown(report))

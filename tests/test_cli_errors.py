@@ -216,4 +216,4 @@ def test_demo_pretrained_without_network_fails_fast(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once, network or not
     start = time.perf_counter()
     _fails(capsys, ["demo", "--pretrained", "--out", str(tmp_path / "demo")], "resnet18", "--backbone-checkpoint")
-    assert time.perf_counter() - start < 5 and not (tmp_path / "demo").exists()
+    assert time.perf_counter() - start < 20 and not (tmp_path / "demo").exists()  # vs 48 s of retries

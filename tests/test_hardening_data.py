@@ -297,7 +297,7 @@ def test_pretrained_unavailable_fails_fast(endpoint, empty_hf_cache, monkeypatch
         assert "timm/resnet18.a1_in1k" in str(exc)
     else:
         assert endpoint is None, "the host answered"  # only the real endpoint can be reachable (a networked CI)
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 20.0  # generous on a loaded machine; the retrying path took 48 s
 
 
 def test_pretrained_checks_and_cached_weights_load_offline(empty_hf_cache, monkeypatch):
@@ -328,7 +328,7 @@ def test_pretrained_checks_and_cached_weights_load_offline(empty_hf_cache, monke
         assert constants.HF_HUB_OFFLINE is True
         body = timm.create_model("resnet18", pretrained=True, features_only=True)
     assert constants.HF_HUB_OFFLINE is False
-    assert time.perf_counter() - start < 10.0
+    assert time.perf_counter() - start < 30.0  # generous on a loaded machine; the retrying path took 48 s
     assert torch.equal(body.conv1.weight, weights["conv1.weight"])
 
 

@@ -11,7 +11,7 @@ import logging
 import statistics
 from typing import Any
 
-__all__ = ["Callback", "TimeBudget", "PeriodicCheckpoint", "PeriodicEvaluation", "StepTimer"]
+__all__ = ["Callback", "TimeBudget", "PeriodicCheckpoint", "PeriodicEvaluation", "StepTimer", "ScheduleToBudget"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +92,33 @@ class StepTimer(Callback):
                       f"the median {median:.2f} s: is another process using the CPU?")
             trainer.log({"iter": trainer.iteration, "event": "slow_step", "seconds": round(self.times[-1], 4),
                          "median": round(median, 4)})
+
+
+class ScheduleToBudget(Callback):
+    """Fit a step lr schedule into cfg.max_minutes: from step `calibrate` + 1 on, and every `every` steps until
+    the decay has happened, estimate from the mean speed so far how many steps the budget allows and put the lr
+    decay (cfg.milestones, read lazily by the schedule) at `decay_at` of them. For time-budget comparisons (e.g.
+    benchmarks/train_budget.py); a step budget (cfg.max_iters with fixed milestones) is reproducible where this is
+    not."""
+
+    def __init__(self, decay_at: float = 0.8, calibrate: int = 20, every: int = 10) -> None:
+        if not 0 < decay_at < 1:
+            raise ValueError(f"decay_at must be in (0, 1), got {decay_at}")
+        self.decay_at, self.calibrate, self.every = float(decay_at), max(1, int(calibrate)), max(1, int(every))
+        self.start: float | None = None
+
+    def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
+        it, cfg = trainer.iteration, trainer.cfg
+        if self.start is None:
+            self.start, self.start_iter = trainer.elapsed, it
+        if cfg.max_minutes is None or it <= self.calibrate or (it - self.calibrate - 1) % self.every:
+            return
+        if cfg.milestones and it >= cfg.milestones[0]:
+            return  # the decay has happened: keep it
+        per_iter = (trainer.elapsed - self.start) / max(it - self.start_iter, 1)
+        total = it + max(0, int((cfg.max_minutes * 60 - trainer.elapsed) / max(per_iter, 1e-9)))
+        if cfg.max_iters is not None:
+            total = min(total, cfg.max_iters)
+        cfg.milestones = (max(it + 1, int(self.decay_at * total)),)
+        trainer.log({"iter": it, "event": "schedule", "seconds_per_iter": round(per_iter, 4),
+                     "expected_iters": total, "milestones": list(cfg.milestones)})
