@@ -34,23 +34,10 @@ def resolve_model_path(path: str | Path) -> Path:
 
     FileNotFoundError when there is none, PermissionError when it exists but cannot be read.
     """
-    from istr.engine.checkpoint import MODEL_FILE, latest_checkpoint
     from istr.fileio import check_readable_file
+    from istr.io import find_model_file
 
-    path = Path(path)
-    found = None
-    if path.is_file():
-        found = path
-    elif path.is_dir():
-        if (path / MODEL_FILE).is_file():
-            found = path / MODEL_FILE
-        else:
-            last = latest_checkpoint(path / "checkpoints")
-            found = last / MODEL_FILE if last is not None else None
-    if found is None:
-        raise FileNotFoundError(f"no model at {path}: expected a .safetensors model file, a checkpoint directory or "
-                                f"a training run directory (with {MODEL_FILE} or checkpoints/)")
-    return check_readable_file(found, "model file")
+    return check_readable_file(find_model_file(path), "model file")
 
 
 def _error_text(exc: BaseException) -> str:

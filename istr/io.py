@@ -7,6 +7,9 @@ A model file holds the state_dict and, in its metadata, what rebuilds the model:
     categories     JSON list of {"id", "name"} per label when the model carries them (model.categories)
 A module that is not a registered architecture (a torchvision baseline trained with the same Trainer) is
 saved as format "istr-state-dict" with its class name, and loads only into a given instance (model=...).
+
+Run directories (istr.engine.Trainer) hold RUN/model.safetensors and RUN/checkpoints/iter_NNNNNNN/{model.safetensors,
+trainer_state.pt}, with RUN/checkpoints/last naming the newest complete checkpoint; load_model takes any of them.
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ from istr.fileio import atomic_save, check_readable_file
 from istr.registry import Registry
 
 __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
-           "load_model", "check_state_dict", "config_mismatches"]
+           "load_model", "find_model_file", "check_state_dict", "config_mismatches", "latest_checkpoint",
+           "list_checkpoints", "MODEL_FILE", "STATE_FILE", "LAST_FILE"]
 
 ARCHITECTURES = Registry("model architecture")
 
 MODEL_FORMAT, STATE_DICT_FORMAT = "istr-model", "istr-state-dict"
 MODEL_FORMAT_VERSION = "2"  # 2: architecture + categories keys; version 1 files are ISTR models
+MODEL_FILE, STATE_FILE, LAST_FILE = "model.safetensors", "trainer_state.pt", "last"  # the run directory layout
 
 
 def register_architecture(name: str) -> Callable:
@@ -95,15 +100,51 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     write_safetensors(path, tensors, meta)
 
 
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ckpt_root (RUN/checkpoints), oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and (p / STATE_FILE).is_file()]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint named by ckpt_root/last (falls back to the newest complete one), or None."""
+    root = Path(ckpt_root)
+    pointer = root / LAST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def find_model_file(path: str | Path) -> Path:
+    """A model file, a checkpoint directory or a run directory (its model.safetensors, else its newest
+    checkpoint's) -> the model file. FileNotFoundError when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        last = latest_checkpoint(path / "checkpoints")
+        if last is not None:
+            return last / MODEL_FILE
+        raise FileNotFoundError(f"no model in the directory {path}: expected a checkpoint directory or a training "
+                                f"run directory (with {MODEL_FILE} or checkpoints/)")
+    return path
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", model: nn.Module | None = None) -> nn.Module:
-    """Load a file written by save_model: rebuilt from its stored architecture and config on `map_location`,
-    in eval mode.
+    """Load a file written by save_model (or the model of a checkpoint or run directory, find_model_file): rebuilt
+    from its stored architecture and config on `map_location`, in eval mode.
 
     model: load into this existing model instead (it keeps its device and train/eval mode); a ValueError names
     every construction arg and tensor that differs (the architecture's `inference_options`, such as min_size or
     detections_per_image, may differ).
     """
-    path = Path(path)
+    path = find_model_file(path)
     meta, tensors = read_safetensors(path, "model", map_location)
     fmt = meta.get("format")
     if fmt == STATE_DICT_FORMAT:

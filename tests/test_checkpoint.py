@@ -168,3 +168,19 @@ def test_wrong_files_and_unsavable_models(tmp_path):
         istr.load_model(tmp_path / "custom.safetensors")
     loaded = istr.load_model(tmp_path / "custom.safetensors", model=custom())
     assert float(loaded.backbone.scale.detach()) == 3.0
+
+
+def test_load_model_takes_run_and_checkpoint_directories(tmp_path):
+    from istr.engine.checkpoint import save_checkpoint
+
+    model = small_model()
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", model, {"iteration": 3})
+    from_checkpoints = istr.load_model(run)  # no run/model.safetensors yet: the newest checkpoint's
+    istr.save_model(model, run / "model.safetensors")
+    for path in (run, run / "checkpoints" / "iter_0000003", run / "model.safetensors"):
+        loaded = istr.load_model(path)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert from_checkpoints.config() == model.config()
+    with pytest.raises(FileNotFoundError, match="no model in the directory"):
+        istr.load_model(tmp_path)

@@ -37,7 +37,7 @@ def test_key_value_parsing_and_errors(tmp_path, capsys):
         {"a": 1, "b": [48, 64], "c": True, "d": "resnet18", "e": 1e-3}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_key_values(["novalue"])
-    with pytest.raises(FileNotFoundError, match="no model at"):
+    with pytest.raises(FileNotFoundError, match="no model file at"):
         resolve_model_path(tmp_path / "missing")
     with pytest.raises(SystemExit) as exit_info:  # user errors exit 2 with a one-line message, no traceback
         main(["train", "--out", str(tmp_path / "x")])
@@ -144,3 +144,21 @@ def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
     trained = istr.load_model(out / "train" / "model.safetensors").backbone.body.conv1.weight
     start = torch.load(ckpt)["conv1.weight"]
     assert (trained - start).abs().max() < 1e-2 < (trained - torch.randn_like(start) * start.std()).abs().max()
+
+
+def test_train_eval_predict_an_isda_model_by_name(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    run = tmp_path / "isda"
+    args = ["num_queries=6", "num_encoder_layers=1", "num_decoder_layers=2", "hidden_dim=32", "num_heads=4",
+            "ffn_dim=64", "mask_feat_dim=16", "mask_dim=32", "num_groups=8", "min_size=64", "max_size=64",
+            "train_min_sizes=null", "detections_per_image=10"]
+    assert main(["train", "--model", "isda_tiny", "--synthetic", data["root"], "--model-arg", *args, "--batch-size",
+                 "2", "--max-iters", "2", "--checkpoint-every", "2", "--out", str(run), "--no-progress"]) == 0
+    assert "trained 2 iterations" in capsys.readouterr().out
+    assert main(["eval", str(run), "--all-stages", "--no-progress"]) == 0  # per decoder layer, data from run.json
+    assert capsys.readouterr().out.count("stage ") == 2
+    image = sorted(Path(data["val_images"]).iterdir())[0]
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "pred"), "--score-threshold", "0"]) == 0
+    import istr
+
+    assert type(istr.load_model(run)).__name__ == "ISDA"

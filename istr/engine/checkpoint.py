@@ -18,16 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from istr.io import load_model, save_model
+from istr.io import LAST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints, load_model, save_model
 
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
     "prune_checkpoints", "capture_rng_state", "restore_rng_state",
 ]
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
-LAST_FILE = "last"
 _FORMAT = "istr-train-state"
 _VERSION = 1
 
@@ -100,15 +97,6 @@ def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict
     return final
 
 
-def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ckpt_root, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and (p / STATE_FILE).is_file()]
-    return sorted(dirs, key=lambda p: p.name)
-
-
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
     """Delete all but the `keep` newest checkpoints; never the one `last` names."""
     last = latest_checkpoint(ckpt_root)
@@ -116,18 +104,6 @@ def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         if last is None or old.resolve() != last.resolve():
             shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The checkpoint named by ckpt_root/last (falls back to the newest complete one), or None."""
-    root = Path(ckpt_root)
-    pointer = root / LAST_FILE
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
 
 
 # ---------------------------------------------------------------------------------------------------- load
