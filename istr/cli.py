@@ -144,13 +144,14 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _dataset(images: str, ann: str, train: bool = False, augment: str = "none", aug_scale: float = 1.0):
+def _dataset(images: str, ann: str, train: bool = False, augment: str = "none", aug_scale: float = 1.0,
+             segmentations: bool = False):
     from istr.data import CocoInstances, build_transforms
 
     transforms = None
     if train and augment != "none":
         transforms = build_transforms(True, scale=aug_scale, crop_prob=0.5 if augment == "paper" else 0.0)
-    return CocoInstances(images, ann, transforms=transforms, include_empty=not train)
+    return CocoInstances(images, ann, transforms=transforms, include_empty=not train, segmentations=segmentations)
 
 
 def _data_paths(args: argparse.Namespace, split: str) -> tuple[str, str] | None:
@@ -221,7 +222,7 @@ def cmd_fit_codec(args: argparse.Namespace) -> int:
         check_readable_file(ann, "annotation json")
     codec = _build(f"the {args.codec} codec", "--codec-arg", create_codec, args.codec, mask_size=args.mask_size,
                    dim=args.dim, **codec_args)
-    grids, stats = _read_grids(args.ann, codec.mask_size, max_masks=args.max_masks, seed=args.seed)
+    grids, stats = _read_grids(args.ann, codec.mask_size, max_masks=args.max_masks, seed=args.seed, crop=args.crop)
     settings = ", ".join(f"{k}={v}" for k, v in codec.config().items())
     print(f"fitting {args.codec} ({settings}) on {len(grids)} masks from {len(args.ann)} file(s) "
           f"({describe_stats(stats)})")
@@ -317,7 +318,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the final evaluation shows a progress bar unless --no-progress; Trainer times it apart from training
     cfg = TrainConfig(**cfg_values, bf16=args.bf16, progress=not args.no_progress)
 
-    train_set = _dataset(*train_paths, train=True, augment=args.augment, aug_scale=args.aug_scale)
+    train_set = _dataset(*train_paths, train=True, augment=args.augment, aug_scale=args.aug_scale,
+                         segmentations=model_args.get("target_crop") == "polygon")
     val_set = _dataset(*val_paths) if val_paths and not args.no_eval else None
     codec = load_codec(args.codec) if args.codec else None
     torch.manual_seed(args.seed)
@@ -503,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec-arg", nargs="*", metavar="K=V", help="extra codec constructor args, e.g. whiten=true")
     p.add_argument("--fit-arg", nargs="*", metavar="K=V", help="extra fit() args, e.g. epochs=20 (autoencoder)")
     p.add_argument("--max-masks", type=int, default=None, help="fit on a random subset of this many masks")
+    p.add_argument("--crop", choices=("roi_align", "polygon"), default="roi_align",
+                   help="how masks are cropped into grids: soft RoIAlign crops (default, as ISTR's targets) or the "
+                   "authors' binary polygon rasterisation (pair with --model-arg target_crop=polygon)")
     p.add_argument("--val-ann", nargs="*", metavar="JSON", help="also report reconstruction IoU on these masks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="codec file to write (.safetensors)")

@@ -219,3 +219,22 @@ def test_elu_equals_torch_elu_values_and_gradients():
     assert torch.autograd.gradcheck(elu, (x64,))
     g = torch.randn(200, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(elu(x64), x64, g)[0], torch.autograd.grad(F.elu(x64), x64, g)[0])
+
+
+def test_polygon_crop_is_the_authors_rasterisation_and_differs_little_from_roi_align(real, coco_pool_train_json):
+    """crop_polygons = detectron2's rasterize_polygons_within_box; on real COCO masks at M=28 it differs from the
+    thresholded RoIAlign crop in 2.9% of pixels (the first 400 masks of the pool; here its first 60)."""
+    from istr.ops import crop_polygons
+
+    box = torch.tensor([[10.0, 20.0, 24.0, 27.0]])  # a polygon that is its own box fills the grid exactly
+    square = [[10.0, 20.0, 24.0, 20.0, 24.0, 27.0, 10.0, 27.0]]
+    torch.testing.assert_close(crop_polygons([square], box, 14, (40, 40)), torch.ones(1, 14, 14))
+    half = [[10.0, 20.0, 17.0, 20.0, 17.0, 27.0, 10.0, 27.0]]  # its left half
+    grid = crop_polygons([half], box, 14, (40, 40))[0]
+    assert grid[:, :7].eq(1).all() and grid[:, 7:].eq(0).all()
+    segs = [a["segmentation"] for a in real["anns"]]
+    polys = [i for i, s in enumerate(segs) if isinstance(s, list)]
+    poly = torch.cat([crop_polygons([segs[i]], real["boxes"][i:i + 1], 28, real["sizes"][i]) for i in polys])
+    soft = torch.cat([crop_masks(torch.from_numpy(real["full"][i])[None], real["boxes"][i:i + 1], 28) for i in polys])
+    differ = float((poly != (soft >= 0.5).float()).float().mean())
+    assert set(poly.unique().tolist()) <= {0.0, 1.0} and 0.003 < differ < 0.04, differ

@@ -217,3 +217,27 @@ def test_batch_composition_does_not_change_detections(family):
         assert torch.equal(a["labels"], b["labels"]) and len(a["labels"]) > 0
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-2)
+
+
+def test_the_authors_polygon_target_crop_is_an_option(data, tmp_path):
+    from istr.data import CocoInstances, build_transforms
+
+    paths, _, _ = data
+    ann = json.loads(Path(paths["train_annotations"]).read_text())
+    for a in ann["annotations"]:  # the synthetic json has RLEs: give it polygons, as COCO has
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        a["area"] = w * h
+    (tmp_path / "poly.json").write_text(json.dumps(ann))
+    flips = build_transforms(True, crop_prob=0.0)
+    train_set = CocoInstances(paths["train_images"], tmp_path / "poly.json", transforms=flips, segmentations=True)
+    model = tiny_model(paths["train_annotations"], target_crop="polygon")
+    result = train(model, train_set, _cfg(max_iters=2, checkpoint_every=0), out_dir=tmp_path / "run")
+    assert result.iterations == 2 and istr.load_model(result.model_path).target_crop == "polygon"
+    plain = CocoInstances(paths["train_images"], tmp_path / "poly.json")
+    with pytest.raises(ValueError, match="segmentations"):  # names the fix: CocoInstances(segmentations=True)
+        model.train()(*map(list, zip(plain[0])))
+    cropping = CocoInstances(paths["train_images"], tmp_path / "poly.json", transforms=build_transforms(True),
+                             segmentations=True)
+    with pytest.raises(ValueError, match="horizontal flips only"):
+        cropping[0]

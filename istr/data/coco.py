@@ -290,6 +290,9 @@ class CocoInstances(Dataset):
     non-crowd annotation are dropped unless `include_empty=True` (the paper drops them for training; use
     include_empty=True for COCO-protocol evaluation, which scores false positives on such images too).
     `transforms(image, target) -> (image, target)` (see istr.data.transforms) runs after loading.
+    segmentations=True adds target["segmentations"], each instance's COCO polygon list (or RLE), for the authors'
+    polygon target crop (ISTR(target_crop="polygon")); transforms then flip the polygons with the image (the
+    crop augmentation is refused).
     """
 
     def __init__(
@@ -300,6 +303,7 @@ class CocoInstances(Dataset):
         include_empty: bool = False,
         min_box_size: float = 1.0,
         check_image_size: bool = True,
+        segmentations: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
@@ -311,6 +315,7 @@ class CocoInstances(Dataset):
         self.include_empty = include_empty
         self.min_box_size = float(min_box_size)
         self.check_image_size = check_image_size
+        self.segmentations = bool(segmentations)
         self.coco = load_coco_json(self.ann_file)
 
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
@@ -395,7 +400,7 @@ class CocoInstances(Dataset):
         """Target of the index-th image at its original size (no transforms)."""
         rec = self._records[index]
         h, w = rec["height"], rec["width"]
-        masks, boxes, labels = [], [], []
+        masks, boxes, labels, segmentations = [], [], [], []
         for ann in rec["anns"]:
             try:
                 mask = rasterize(ann["segmentation"], h, w)
@@ -410,7 +415,8 @@ class CocoInstances(Dataset):
             masks.append(mask)
             boxes.append(ann["box"])
             labels.append(ann["label"])
-        return {
+            segmentations.append(ann["segmentation"])
+        target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
@@ -418,6 +424,9 @@ class CocoInstances(Dataset):
             "orig_size": (h, w),
             "size": (h, w),
         }
+        if self.segmentations:
+            target["segmentations"] = segmentations
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image = self.get_image(index)

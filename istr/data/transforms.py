@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "Compose",
+    "RandomHorizontalFlip",
     "RandomRelativeCrop",
     "build_transforms",
     "boxes_from_masks",
@@ -46,6 +47,40 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     if nonempty.any():
         boxes[nonempty] = masks_to_boxes(masks[nonempty].bool()).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
     return boxes
+
+
+class RandomHorizontalFlip:
+    """torchvision's v2.RandomHorizontalFlip (the same random draw, the same image, boxes and masks) that also
+    mirrors target["segmentations"] polygons (x -> W - x: COCO coordinates are continuous, pixel i spans
+    [i, i + 1)). Works on tv_tensors inside `Compose`."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        if torch.rand(1) >= self.p:  # v2's one draw: torchvision flips when torch.rand(1) < p
+            return image, target
+        w = image.shape[-1]
+        target = {k: TF.horizontal_flip(v) if isinstance(v, (tv_tensors.BoundingBoxes, tv_tensors.Mask)) else v
+                  for k, v in target.items()}
+        if "segmentations" in target:
+            target["segmentations"] = [_flip_polygons(seg, w) for seg in target["segmentations"]]
+        return TF.horizontal_flip(image), target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+def _flip_polygons(segmentation: Any, width: int) -> Any:
+    """A COCO polygon list mirrored horizontally; anything else (an RLE: its mask is flipped) as it is."""
+    if not isinstance(segmentation, list):
+        return segmentation
+    flipped = []
+    for poly in segmentation:
+        xy = [float(v) for v in poly]
+        xy[0::2] = [width - x for x in xy[0::2]]
+        flipped.append(xy)
+    return flipped
 
 
 class RandomRelativeCrop:
@@ -93,6 +128,11 @@ class Compose:
         if not isinstance(image, torch.Tensor) or image.ndim != 3:
             got = f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
             raise TypeError(f"image must be a tensor [C, H, W], got {got}")
+        if "segmentations" in target:
+            other = [t for t in self.transforms if not isinstance(t, RandomHorizontalFlip)]
+            if other:
+                raise ValueError(f"targets with 'segmentations' (polygon target crops) support horizontal flips only "
+                                 f"(istr.data.transforms.RandomHorizontalFlip), not {other}: use crop_prob=0")
         h, w = image.shape[-2:]
         target = dict(target)
         image = tv_tensors.Image(image)
@@ -116,6 +156,8 @@ def _sanitize(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & masks.flatten(1).any(dim=1).bool()
     target = dict(target)
     target.update(boxes=boxes[keep], masks=masks[keep], labels=target["labels"][keep], size=(int(h), int(w)))
+    if "segmentations" in target:
+        target["segmentations"] = [seg for seg, k in zip(target["segmentations"], keep.tolist()) if k]
     return image, target
 
 
@@ -151,7 +193,7 @@ def build_transforms(
     top = max(1, round(max_size * scale))
     steps: list[Callable] = []
     if flip_prob > 0:
-        steps.append(v2.RandomHorizontalFlip(p=flip_prob))
+        steps.append(RandomHorizontalFlip(p=flip_prob))
     if crop_prob > 0:
         crop = [v2.RandomShortestSize(_scaled(crop_min_sizes, scale), max_size=top), RandomRelativeCrop(crop_fraction)]
         steps.append(v2.RandomApply(crop, p=crop_prob))

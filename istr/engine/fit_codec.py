@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from istr.codecs import MaskCodec, create_codec
-from istr.ops.masks import crop_masks, rasterize
+from istr.ops.masks import crop_masks, crop_polygons, rasterize
 
 __all__ = ["coco_mask_grids", "fit_codec_on_coco"]
 
@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 
 def coco_mask_grids(ann_file: str | Path, mask_size: int, max_masks: int | None = None,
                     include_crowd: bool = False, min_box_size: float = 1.0, seed: int = 0,
-                    return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, int]]:
+                    return_stats: bool = False, crop: str = "roi_align") -> torch.Tensor | tuple[torch.Tensor, dict[str, int]]:
     """GT masks of a COCO json cropped by their GT boxes to float grids [N, M, M] in [0, 1].
+
+    crop "roi_align" (default): soft RoIAlign crops of the full-resolution masks, what ISTR's targets use by
+    default; "polygon": the authors' binary crops, polygons rasterised straight into the grid (istr.ops.crop_polygons),
+    to fit a codec the way the reference did.
 
     Needs no images: polygons/RLEs are rasterised at the json's image size and cropped with
     istr.ops.crop_masks (RoIAlign, aligned=True), the same crop the model applies to training targets.
@@ -33,6 +37,8 @@ def coco_mask_grids(ann_file: str | Path, mask_size: int, max_masks: int | None 
 
     if not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1:
         raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
+    if crop not in ("roi_align", "polygon"):
+        raise ValueError(f"crop must be 'roi_align' or 'polygon', got {crop!r}")
     if max_masks is not None and max_masks < 1:
         raise ValueError(f"max_masks must be >= 1 or None, got {max_masks}")
     coco = load_coco_json(ann_file)
@@ -48,16 +54,19 @@ def coco_mask_grids(ann_file: str | Path, mask_size: int, max_masks: int | None 
     grids, empty = [], 0
     for img, anns in by_image.values():
         for start in range(0, len(anns), 64):  # bounded memory: 64 full-image masks at a time
-            masks, boxes = [], []
+            masks, boxes, segs = [], [], []
             for a in anns[start : start + 64]:
                 mask = _rasterize(a, img, ann_file)
                 if mask.any():
                     masks.append(mask)
                     boxes.append(a["box"])
+                    segs.append(a["segmentation"])
                 else:
                     empty += 1
             if masks:
-                grids.append(crop_masks(torch.from_numpy(np.stack(masks)), torch.tensor(boxes), mask_size))
+                full, box = torch.from_numpy(np.stack(masks)), torch.tensor(boxes)
+                grids.append(crop_polygons(segs, box, mask_size, masks=full) if crop == "polygon"
+                             else crop_masks(full, box, mask_size))
     stats["dropped_empty_masks"] = empty
     stats["masks"] = sum(len(g) for g in grids)
     if not grids:

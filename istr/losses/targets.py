@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from istr.ops.masks import crop_masks
+from istr.ops.masks import crop_masks, crop_polygons
 
 __all__ = ["check_call", "check_targets", "box_targets", "mask_targets"]
 
@@ -95,10 +95,14 @@ def check_targets(targets: Any, image_sizes: Sequence[tuple[int, int]], num_clas
 
 
 def box_targets(targets: Sequence[dict], original_sizes: Sequence[tuple[int, int]], sizes: Sequence[tuple[int, int]],
-                mask_size: int, device: torch.device | str, codec=None) -> list[dict[str, torch.Tensor]]:
-    """ISTR's targets: GT masks cropped by their GT boxes at the original resolution to M x M soft grids
-    (RoIAlign, istr.ops.crop_masks), boxes rescaled to the resized input, the resized image size, and, with a
-    codec, "mask_embeds" = codec.encode(mask_grids) (one encode for the batch).
+                mask_size: int, device: torch.device | str, codec=None, crop: str = "roi_align") -> list[dict]:
+    """ISTR's targets: GT masks cropped by their GT boxes at the original resolution to M x M grids, boxes rescaled
+    to the resized input, the resized image size, and, with a codec, "mask_embeds" = codec.encode(mask_grids) (one
+    encode for the batch).
+
+    crop "roi_align" (istr's default): soft grids, RoIAlign of the full-resolution mask (istr.ops.crop_masks);
+    "polygon": the authors' binary crop, each target's "segmentations" polygons rasterised straight into the grid
+    (istr.ops.crop_polygons; CocoInstances(segmentations=True) provides them).
 
     Returns per image {"boxes" [T, 4], "labels" [T], "mask_grids" [T, M, M], "image_size" [2] (h, w)
     (+ "mask_embeds" [T, l])}. ValueError naming the instance when a box holds none of its mask.
@@ -106,7 +110,13 @@ def box_targets(targets: Sequence[dict], original_sizes: Sequence[tuple[int, int
     prepared = []
     for i, (t, orig, size) in enumerate(zip(targets, original_sizes, sizes)):
         boxes = t["boxes"].to(device=device, dtype=torch.float32)
-        grids = crop_masks(t["masks"].to(device), boxes, mask_size)
+        if crop == "polygon":
+            if "segmentations" not in t:
+                raise ValueError(f"targets[{i}] has no 'segmentations': the polygon target crop needs each instance's "
+                                 "COCO polygons (istr.data.CocoInstances(..., segmentations=True))")
+            grids = crop_polygons(t["segmentations"], boxes, mask_size, masks=t["masks"])
+        else:
+            grids = crop_masks(t["masks"].to(device), boxes, mask_size)
         empty = torch.nonzero(grids.flatten(1).amax(1) == 0).flatten().tolist() if len(grids) else []
         if empty:
             raise ValueError(f"targets[{i}]: the box {boxes[empty[0]].tolist()} of instance {empty[0]} contains none "

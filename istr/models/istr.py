@@ -47,6 +47,11 @@ class ISTR(nn.Module):
     (28x28 RoIAlign at the new boxes + conv head), `stage_logit_average` (inference logits averaged over
     stages 2..N-1).
 
+    Mask targets are soft RoIAlign crops of the full-resolution GT masks by default; target_crop="polygon" takes
+    the authors' binary crop, the COCO polygons rasterised straight into the M x M grid (targets need
+    "segmentations": CocoInstances(..., segmentations=True)); thresholded, the two differ in 2.9% of grid pixels
+    on real COCO masks.
+
     Denoising training (off by default; not in the paper): `denoising_groups` G > 0 adds, in training only,
     G jittered copies of every ground-truth box as extra queries (DN-DETR's box noise: centre shifted by up to
     `denoising_box_noise` x half the width/height, width/height scaled by 1 +- that). They run through the
@@ -62,7 +67,7 @@ class ISTR(nn.Module):
                  image_pool_padding: bool = False, position_embedding: bool = True, mask_head: str = "query_mlp", mask_roi_size: int = 28,
                  mask_dim: int | None = None, stage_logit_average: bool = False, logit_average_from: int = 2,
                  detections_per_image: int = 100, mask_threshold: float | None = None, prior_prob: float = 0.01,
-                 denoising_groups: int = 0, denoising_box_noise: float = 0.4,
+                 denoising_groups: int = 0, denoising_box_noise: float = 0.4, target_crop: str = "roi_align",
                  min_size: int = 800, max_size: int = 1333,
                  train_min_sizes: Sequence[int] | None = DEFAULT_TRAIN_MIN_SIZES, size_divisible: int = 32,
                  pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD) -> None:
@@ -81,6 +86,8 @@ class ISTR(nn.Module):
         if not isinstance(denoising_box_noise, (int, float)) or not 0 < denoising_box_noise < 2:
             raise ValueError(f"denoising_box_noise must be in (0, 2) (a fraction of the box size), "
                              f"got {denoising_box_noise!r}")
+        if target_crop not in ("roi_align", "polygon"):
+            raise ValueError(f"target_crop must be 'roi_align' or 'polygon', got {target_crop!r}")
         if image_pool not in ("avg", "max", None):
             raise ValueError(f"image_pool must be 'avg', 'max' or None, got {image_pool!r}")
         if image_pool is None and not position_embedding:
@@ -98,7 +105,7 @@ class ISTR(nn.Module):
         self.strides = tuple(backbone.strides)
         self.num_classes, self.num_queries, self.num_stages = num_classes, num_queries, num_stages
         self.image_pool, self.image_pool_padding = image_pool, bool(image_pool_padding)
-        self.detections_per_image = detections_per_image
+        self.detections_per_image, self.target_crop = detections_per_image, target_crop
         self.categories: list[dict[str, Any]] | None = None  # [{"id", "name"}] per label, set by the Trainer
         self.stage_logit_average, self.logit_average_from = bool(stage_logit_average), int(logit_average_from)
         self.mask_threshold = mask_threshold
@@ -110,6 +117,7 @@ class ISTR(nn.Module):
             mask_roi_size=mask_roi_size, stage_logit_average=self.stage_logit_average,
             logit_average_from=self.logit_average_from, detections_per_image=detections_per_image,
             mask_threshold=mask_threshold, prior_prob=prior_prob, denoising_groups=denoising_groups,
+            target_crop=target_crop,
             denoising_box_noise=float(denoising_box_noise), min_size=min_size, max_size=max_size,
             train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
             pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
@@ -132,7 +140,7 @@ class ISTR(nn.Module):
     # construction keys that may differ when loading weights into an existing model (no effect on the weights)
     inference_options = frozenset({"preset", "criterion", "min_size", "max_size", "train_min_sizes",
                                    "detections_per_image", "mask_threshold", "stage_logit_average",
-                                   "logit_average_from", "image_pool_padding"})
+                                   "logit_average_from", "image_pool_padding", "target_crop"})
 
     def config(self) -> dict[str, Any]:
         """Plain-value description that rebuilds this model (istr.save_model stores it; from_config reads it)."""
@@ -184,7 +192,7 @@ class ISTR(nn.Module):
         batch, sizes = self.transform(images)
         features, table = self._features(batch)
         prepared = box_targets(targets, original_sizes, sizes, self.codec.mask_size, self.query_boxes.device,
-                               self.codec)
+                               self.codec, self.target_crop)
         denoising = self._denoising_queries(features, sizes, prepared) if self.denoising_groups else None
         stage_outputs, dn_outputs = self._run_stages(features, table, sizes, True, denoising)
         keys = ("logits", "boxes", "mask_embeds")

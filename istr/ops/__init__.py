@@ -1,4 +1,4 @@
 """Pure tensor functions shared by codecs, models and benchmarks."""
-from istr.ops.masks import crop_masks, paste_masks, rasterize
+from istr.ops.masks import crop_masks, crop_polygons, paste_masks, rasterize
 
-__all__ = ["crop_masks", "paste_masks", "rasterize"]
+__all__ = ["crop_masks", "crop_polygons", "paste_masks", "rasterize"]

@@ -15,7 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import roi_align
 
-__all__ = ["rasterize", "crop_masks", "paste_masks"]
+__all__ = ["rasterize", "crop_masks", "crop_polygons", "paste_masks"]
 
 
 def rasterize(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -101,6 +101,41 @@ def crop_masks(
     if not out:
         return torch.zeros((0, mask_size, mask_size), device=boxes.device)
     return torch.cat(out).clamp_(0.0, 1.0)
+
+
+def crop_polygons(segmentations: Sequence[Any], boxes: torch.Tensor, mask_size: int,
+                  image_size: tuple[int, int] | None = None, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """The ISTR authors' target crop (detectron2 PolygonMasks.crop_and_resize): each polygon segmentation shifted
+    by its box's corner, scaled by M / max(box side, 0.1) and rasterised straight into the binary M x M grid.
+    A segmentation that is not a polygon list (an RLE) is cropped as detectron2 crops bitmasks: roi_align of the
+    full mask (masks[i] when given, else the segmentation rasterised at image_size), then >= 0.5.
+    Returns float [N, M, M] in {0, 1} on boxes' device.
+
+    istr's default target is crop_masks, a soft RoIAlign crop of the full-resolution mask; at M=28 the two differ
+    in 2.9% of pixels after thresholding (the first 400 masks of coco_masks_pool's train json).
+    ISTR(target_crop="polygon") and coco_mask_grids(..., crop="polygon") use this one."""
+    boxes = _check_boxes(boxes, len(segmentations)).float()
+    m = int(mask_size)
+    out = torch.zeros((len(segmentations), m, m), dtype=torch.float32)
+    rle_rows = []
+    for i, (seg, (x0, y0, x1, y1)) in enumerate(zip(segmentations, boxes.tolist())):
+        if not (isinstance(seg, list) and seg and all(isinstance(p, (list, tuple, np.ndarray)) for p in seg)):
+            rle_rows.append(i)
+            continue
+        sx, sy = m / max(x1 - x0, 0.1), m / max(y1 - y0, 0.1)
+        polys = []
+        for poly in seg:
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+            if len(xy) >= 3:
+                polys.append(((xy - (x0, y0)) * (sx, sy)).reshape(-1).tolist())
+        if polys:
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, m, m))
+            out[i] = torch.from_numpy(mask_utils.decode(rle).astype(np.float32))
+    if rle_rows:
+        full = masks[rle_rows].cpu() if masks is not None else _as_mask_tensor([segmentations[i] for i in rle_rows],
+                                                                               image_size)
+        out[rle_rows] = (crop_masks(full, boxes[rle_rows].cpu(), m) >= 0.5).float()
+    return out.to(boxes.device)
 
 
 def _bilinear_weights(p0: int, p1: int, lo: float, hi: float, m: int, device: torch.device) -> torch.Tensor:
