@@ -22,9 +22,9 @@ DEMO_DATA: dict[str, dict[str, Any]] = {
     "easy": dict(difficulty="easy", num_train=1000, num_val=50, image_size=96, seed=0),
     "hard": dict(difficulty="hard", num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8),
 }
-DEMO_MODEL: dict[str, Any] = dict(num_queries=20, train_min_sizes=None, detections_per_image=50, denoising_groups=2)
+DEMO_MODEL: dict[str, Any] = dict(num_queries=20, train_min_sizes=None, detections_per_image=50, denoising_groups=4)
 DEMO_TRAIN: dict[str, Any] = dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, iters=1500, warmup_iters=50,
-                                  decay_at=0.8, gamma=0.1, clip_grad_norm=1.0, flip=True)
+                                  decay_at=0.65, gamma=0.1, clip_grad_norm=1.0, flip=True)
 DEMO_CODEC: dict[str, Any] = dict(mask_size=28, dim=60, whiten=True, logit_space=True)  # ISTR v1's PCA-60
 
 

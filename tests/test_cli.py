@@ -105,7 +105,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| mask (segm) |" in report and "training time" in report and metrics["machine"]["cpu"] in report
     assert "| device | cpu |" in report and "3 of 3 requested" in report and "Load average" in report
-    assert metrics["model"]["denoising_groups"] == 2 and "2 denoising groups" in report
+    assert metrics["model"]["denoising_groups"] == 4 and "4 denoising groups" in report
     assert (out / "loss_curve.png").stat().st_size > 5000
     assert len(list((out / "overlays").glob("*.png"))) == 3
     # the demo's output directory works with predict and eval as printed
