@@ -45,7 +45,7 @@ for i in range(iters + 3):
     t0 = time.perf_counter()
     trainer.train_step()
     times.append(time.perf_counter() - t0)
-print(json.dumps({{"median": statistics.median(times[3:]), "times": times[3:]}}))
+print(json.dumps({{"median": statistics.median(times[3:]), "times": times[3:], "istr": istr.__file__}}))
 """
 _ISTR_STEP = _STEP.format(build="""
 codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
@@ -59,12 +59,16 @@ model = build_mask_rcnn(train_set.num_classes, 128)""")
 
 def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": str(threads)}
+    # cwd outside the checkout: `python -c` puts the working directory first on sys.path, before PYTHONPATH
     out = subprocess.run([sys.executable, "-c", code, str(data), str(threads), str(iters),
                           tempfile.mkdtemp(dir=work), str(REPO / "benchmarks")],
-                         env=env, capture_output=True, text=True, check=False)
+                         env=env, capture_output=True, text=True, check=False, cwd=work)
     if out.returncode:
         raise RuntimeError(f"step timing failed ({pythonpath}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["median"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["istr"].startswith(str(pythonpath)):
+        raise RuntimeError(f"the step imported istr from {result['istr']}, not from {pythonpath}")
+    return result["median"]
 
 
 def main() -> None:

@@ -446,7 +446,9 @@ class Trainer:
                 raise PermissionError(f"cannot write training output to {folder}: {exc}") from None
 
     def _check_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
-        bad = sorted(k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all())
+        tensors = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor)}
+        finite = bool(torch.isfinite(torch.cat([v.detach().reshape(-1).float() for v in tensors.values()])).all())
+        bad = [] if finite else sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
         flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         if float(dist_utils.all_reduce_sum(flag)) == 0:
             return

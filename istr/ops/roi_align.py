@@ -126,6 +126,6 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
     # [R, S*sr, S*sr, 4] -> one bag per output bin: [R*S*S, sr*sr*4], averaged over the sr x sr samples
     bags = lambda t: t.view(r, s, sr, s, sr, 4).permute(0, 1, 3, 2, 4, 5).reshape(r * s * s, sr * sr * 4)  # noqa: E731
     weight = bags(weight).to(table.table.dtype) / (sr * sr)
+    weight = weight.masked_fill(broken.repeat_interleave(s * s)[:, None], float("nan"))  # NaN out for broken boxes
     out = _WeightedGather.apply(table.table, bags(index), weight).view(r, s * s, table.channels)
-    out = out.masked_fill(broken[:, None, None], float("nan"))
     return out if tokens else out.transpose(1, 2).reshape(r, table.channels, s, s)
