@@ -151,7 +151,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     from istr.data import make_synthetic_coco
-    from istr.demo import DEMO_DATA, machine_info
+    from istr.demo import DEMO_DATA, DEMO_MODEL, machine_info
 
     data_dir = work / "data_easy"
     if not (data_dir / "done").is_file():
@@ -187,8 +187,8 @@ def main() -> None:
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py --variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
-istr_tiny with the demo's settings ({iters} steps of 8 images, denoising x2), one change per row, evaluated on the
-50 validation images. Values in %: mean over seeds (per-seed values).
+istr_tiny with the demo's settings ({iters} steps of 8 images, denoising x{DEMO_MODEL['denoising_groups']}), one change
+per row, evaluated on the 50 validation images. Values in %: mean over seeds (per-seed values).
 
 | variant | mask AP | mask AP50 | mask AP75 | box AP | codec reconstruction IoU (val masks) |
 |---|---|---|---|---|---|
