@@ -397,13 +397,10 @@ def _run_data(model: str | Path) -> tuple[str, str] | None:
 
 def _category_names(ann: str | Path) -> list[str]:
     """Names by contiguous label (categories sorted by id) from the "categories" of a COCO json."""
-    from istr.fileio import check_readable_file
+    from istr.fileio import read_json
 
-    path = check_readable_file(ann, "annotation json (--ann)")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--ann {path} is not a JSON file: {_error_text(exc)}") from None
+    path = Path(ann)
+    data = read_json(path, "annotation json (--ann)")
     cats = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(cats, list) or not cats or not all(isinstance(c, dict) and "id" in c and "name" in c
                                                           for c in cats):

@@ -9,12 +9,13 @@ missing file (FileNotFoundError) from an unreadable one (PermissionError) and fr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["atomic_save", "atomic_write_bytes", "check_readable_file", "default_file_mode"]
 
@@ -89,3 +90,16 @@ def check_readable_file(path: str | Path, what: str = "file") -> Path:
                               f"{stat.filemode(info.st_mode)}, owner uid {info.st_uid}); ask its owner to run "
                               f"`chmod a+r {path}`")
     return path
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The parsed content of a JSON file. A missing, directory or unreadable path raises as check_readable_file;
+    invalid JSON or text that is not UTF-8 raises ValueError naming `what`, the path, and the line and column."""
+    path = check_readable_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {e}") from None

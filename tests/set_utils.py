@@ -1,4 +1,4 @@
-"""Helpers shared by the matcher and loss tests: random boxes and a hand-written GIoU reference."""
+"""Helpers shared by the tests: random boxes, a hand-written GIoU reference, soft random mask grids."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +19,13 @@ def hand_giou(a, b) -> float:
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
     return inter / union - (hull - union) / hull
+
+
+def blobs(n: int, m: int, seed: int = 0) -> torch.Tensor:
+    """Soft random ellipses [n, m, m] in [0, 1] (cheap synthetic grids for contract tests)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, m), torch.linspace(-1, 1, m), indexing="ij")
+    c = torch.rand(n, 2, generator=g) * 0.6 - 0.3
+    r = torch.rand(n, 2, generator=g) * 0.6 + 0.4
+    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2
+    return torch.sigmoid((1 - d) * 8)

@@ -120,7 +120,7 @@ def test_predict_ann_must_hold_categories(data, model_file, tmp_path, capsys):
     _fails(capsys, [*args, "--ann", str(tmp_path)], "is a directory; expected a file")
     _fails(capsys, [*args, "--ann", str(no_cats)], '"categories" list', "['annotations', 'images']")
     (tmp_path / "bad.json").write_text("{")
-    _fails(capsys, [*args, "--ann", str(tmp_path / "bad.json")], "is not a JSON file")
+    _fails(capsys, [*args, "--ann", str(tmp_path / "bad.json")], "is not valid JSON")
     assert main([*args, "--ann", data["val_annotations"], "--score-threshold", "0"]) == 0
     assert (tmp_path / "p" / "predictions.json").is_file()
     _fails(capsys, [*args, "--ann", data["val_annotations"]], "non-empty", "--overwrite")

@@ -8,18 +8,9 @@ import istr
 from istr.codecs import NotFittedError
 from istr.codecs.autoencoder import augment_grids
 from istr.codecs.dct import zigzag_order
+from set_utils import blobs
 
 M_SMALL = 12
-
-
-def _blobs(n: int, m: int, seed: int = 0) -> torch.Tensor:
-    """Soft random ellipses [n, m, m] in [0, 1] (cheap synthetic grids for contract tests)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, m), torch.linspace(-1, 1, m), indexing="ij")
-    c = torch.rand(n, 2, generator=g) * 0.6 - 0.3
-    r = torch.rand(n, 2, generator=g) * 0.6 + 0.4
-    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2
-    return torch.sigmoid((1 - d) * 8)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +41,7 @@ def _make(case: str, m: int = M_SMALL, dim: int = 10) -> istr.MaskCodec:
 
 @pytest.fixture(scope="module")
 def fitted() -> dict[str, istr.MaskCodec]:
-    data = _blobs(48, M_SMALL)
+    data = blobs(48, M_SMALL)
     return {case: _make(case).fit(data, **CODEC_CASES[case][1]) for case in CODEC_CASES}
 
 
@@ -58,7 +49,7 @@ def fitted() -> dict[str, istr.MaskCodec]:
 @pytest.mark.parametrize("case", list(CODEC_CASES))
 def test_shapes_dtypes_devices(case, fitted):
     codec = fitted[case]
-    grids = _blobs(5, M_SMALL, seed=1)
+    grids = blobs(5, M_SMALL, seed=1)
     z = codec.encode(grids)
     assert z.shape == (5, codec.dim) and z.dtype == torch.float32 and z.device == grids.device
     out = codec.decode(z)
@@ -76,7 +67,7 @@ def test_shapes_dtypes_devices(case, fitted):
 @pytest.mark.parametrize("case", list(CODEC_CASES))
 def test_cuda_device(case, fitted):
     codec = fitted[case]
-    grids = _blobs(4, M_SMALL, seed=1)
+    grids = blobs(4, M_SMALL, seed=1)
     gpu = _make(case)
     gpu.load_state_dict(codec.state_dict())
     gpu = gpu.cuda()
@@ -195,7 +186,7 @@ def test_autoencoder_architecture_for_any_size():
 
 
 def test_autoencoder_fit_deterministic_frozen_and_standardized():
-    data = _blobs(40, M_SMALL)
+    data = blobs(40, M_SMALL)
     a = _make("autoencoder").fit(data, seed=3, **AE_SMALL_FIT)
     b = _make("autoencoder").fit(data, seed=3, **AE_SMALL_FIT)
     c = _make("autoencoder").fit(data, seed=4, **AE_SMALL_FIT)
@@ -259,7 +250,7 @@ def test_save_load_round_trip(case, fitted, tmp_path):
     codec.save(path)
     loaded = istr.load_codec(path, mask_size=M_SMALL, dim=codec.dim)
     assert type(loaded) is type(codec) and loaded.config() == codec.config() and loaded.is_fitted
-    grids = _blobs(6, M_SMALL, seed=5)
+    grids = blobs(6, M_SMALL, seed=5)
     assert torch.equal(loaded.encode(grids), codec.encode(grids))
     z = codec.encode(grids)
     assert torch.equal(loaded.decode(z), codec.decode(z))
@@ -305,7 +296,7 @@ def test_decode_is_differentiable(case, fitted):
     codec = _make(case)
     codec.load_state_dict(fitted[case].state_dict())
     codec = codec.double()
-    grids = _blobs(2, M_SMALL, seed=2).double() * 0.8 + 0.1  # away from the [0, 1] clamp of linear codecs
+    grids = blobs(2, M_SMALL, seed=2).double() * 0.8 + 0.1  # away from the [0, 1] clamp of linear codecs
     z = codec.encode(grids).detach()
     z.requires_grad_(True)
 

@@ -22,37 +22,28 @@ from pycocotools import mask as mask_utils
 import istr
 from istr.data import CocoInstances, load_image, pil_to_tensor, read_coco_annotations
 from istr.engine.fit_codec import coco_mask_grids
+from set_utils import blobs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _blobs(n: int, m: int, seed: int = 0) -> torch.Tensor:
-    """Soft random ellipses [n, m, m] in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, m), torch.linspace(-1, 1, m), indexing="ij")
-    c = torch.rand(n, 2, generator=g) * 0.6 - 0.3
-    r = torch.rand(n, 2, generator=g) * 0.6 + 0.4
-    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2
-    return torch.sigmoid((1 - d) * 8)
 
 
 # ------------------------------------------------------------------------------------------------ 1. PCA
 def test_whitened_pca_refuses_fewer_masks_than_dim():
     codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
     with pytest.raises(ValueError, match=r"dim l=60 needs at least 60 masks.*got 5 masks"):
-        codec.fit(_blobs(5, 28))
+        codec.fit(blobs(5, 28))
     assert not codec.is_fitted
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"whiten": True}, {"whiten": True, "logit_space": True}])
 def test_degenerate_pca_warns_and_stays_bounded(kwargs):
-    unseen = _blobs(50, 28, seed=3)
-    few = _blobs(5, 28).repeat(14, 1, 1)  # 70 masks, 5 distinct: 56 of 60 components carry no variance
+    unseen = blobs(50, 28, seed=3)
+    few = blobs(5, 28).repeat(14, 1, 1)  # 70 masks, 5 distinct: 56 of 60 components carry no variance
     with pytest.warns(UserWarning, match=r"70 masks: 56 of 60 components have near-zero variance"):
         codec = istr.create_codec("pca", mask_size=28, dim=60, **kwargs).fit(few)
     assert float(codec.encode(unseen).abs().max()) < 500  # was up to 2.6e7 whitened
     torch.testing.assert_close(codec.decode(codec.encode(few)), codec(few))
-    same = _blobs(1, 28).repeat(70, 1, 1)  # identical grids: every component is degenerate
+    same = blobs(1, 28).repeat(70, 1, 1)  # identical grids: every component is degenerate
     with pytest.warns(UserWarning, match=r"60 of 60 components .*identical"):
         codec = istr.create_codec("pca", mask_size=28, dim=60, **kwargs).fit(same)
     assert float(codec.encode(unseen).abs().max()) < 5e3  # was ~1e6 whitened
@@ -61,16 +52,16 @@ def test_degenerate_pca_warns_and_stays_bounded(kwargs):
 
 def test_plain_pca_with_fewer_masks_than_dim_warns():
     with pytest.warns(UserWarning, match=r"PCA fit on 8 masks: 13 of 20 components"):
-        codec = istr.create_codec("pca", mask_size=12, dim=20).fit(_blobs(8, 12))
-    grids = _blobs(8, 12)
+        codec = istr.create_codec("pca", mask_size=12, dim=20).fit(blobs(8, 12))
+    grids = blobs(8, 12)
     assert float((codec(grids) - grids).abs().max()) < 1e-4  # the data span is kept: exact reconstruction
 
 
 def test_healthy_pca_fit_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        codec = istr.create_codec("pca", mask_size=12, dim=10, whiten=True).fit(_blobs(200, 12))
-    z = codec.encode(_blobs(200, 12))
+        codec = istr.create_codec("pca", mask_size=12, dim=10, whiten=True).fit(blobs(200, 12))
+    z = codec.encode(blobs(200, 12))
     torch.testing.assert_close(z.std(0), torch.ones(10), atol=1e-3, rtol=1e-3)  # exact whitening, no floor
 
 

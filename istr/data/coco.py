@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from collections import Counter
@@ -15,6 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
 __all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "load_coco_json", "read_coco_annotations",
@@ -101,16 +101,7 @@ def load_coco_json(ann_file: str | Path) -> COCO:
     keys, annotations pointing at unknown images or categories, duplicate ids.
     """
     path = Path(ann_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno} column {e.colno}"
-        raise ValueError(f"annotation file {path} is not valid JSON: {e.msg} at {where}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"annotation file {path} is not UTF-8 text: {e}") from e
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"annotation file {path}: expected a JSON object at the top level, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]

@@ -176,17 +176,10 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
 def _as_results(coco_results: Sequence[dict] | str | Path) -> list[dict]:
     """COCO results (a list of dicts, or the path of a results json such as evaluate(results_path=...) writes)."""
     if isinstance(coco_results, (str, Path)):
-        from istr.fileio import check_readable_file
+        from istr.fileio import read_json
 
-        path = check_readable_file(coco_results, "results json")
-        try:
-            with open(path, "rb") as f:
-                coco_results = json.load(f)
-        except json.JSONDecodeError as e:
-            where = f"line {e.lineno} column {e.colno}"
-            raise ValueError(f"results file {path} is not valid JSON: {e.msg} at {where}") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"results file {path} is not UTF-8 text: {e}") from e
+        path = Path(coco_results)
+        coco_results = read_json(path, "results file")
         where = f"results file {path}"
         if isinstance(coco_results, dict):
             raise ValueError(f"{where}: expected a JSON list of detections [{{\"image_id\", \"category_id\", "
