@@ -25,7 +25,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_python_dash_m_istr_lists_the_subcommands():
-    proc = subprocess.run([sys.executable, "-m", "istr", "--help"], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "istr", "--help"], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     for command in COMMANDS:

@@ -78,7 +78,7 @@ def test_unknown_names_and_bad_constructor_args(data, tmp_path, capsys):
 
 def test_errors_reach_the_shell_as_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "istr", "train", "--model", "nope", "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("istr train: error: --model: unknown model 'nope'; known models:")
 

@@ -21,7 +21,7 @@ def test_two_process_gradients_equal_one_process(tmp_path):
     # torchrun --standalone: env:// rendezvous on a free localhost port; 2 ranks x 2 images
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "train_utils.py"), data["root"], str(tmp_path / "ddp.pt"), "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     # the same global batch of 4 images in this process alone
     grads_after_one_step(data["root"], str(tmp_path / "single.pt"), 4)

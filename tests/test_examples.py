@@ -22,7 +22,7 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(EXAMPLES)}})
     client.execute()  # raises CellExecutionError (with the failing cell and traceback) on any error
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])

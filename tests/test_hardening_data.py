@@ -388,10 +388,10 @@ def test_unreadable_file_is_a_permission_error_not_missing():
                   "except Exception as e:\n    print(type(e).__name__, e)\n")
         if os.geteuid() != 0:
             out = subprocess.run([sys.executable, "-c", script, str(codec_file)], capture_output=True, text=True,
-                                 timeout=120, cwd=REPO).stdout
+                                 timeout=900, cwd=REPO).stdout
         elif _can_drop_root():  # root reads everything: ask as user nobody
             out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                                  "-c", script, str(codec_file)], capture_output=True, text=True, timeout=120,
+                                  "-c", script, str(codec_file)], capture_output=True, text=True, timeout=900,
                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HOME": str(folder)}).stdout
         else:
             pytest.skip("running as root without setpriv: every file is readable")
