@@ -91,3 +91,14 @@ def real_grids_28(coco_pool_train_json: Path, coco_pool_val_json: Path) -> dict[
         out[split] = torch.cat([crop_masks(torch.from_numpy(m)[None], b[None], 28)
                                 for m, b in zip(data["full"], data["boxes"])])
     return out
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """Every time.sleep(seconds) made during the test, recorded and skipped: a retry loop (huggingface_hub's
+    backoff sleeps between tries) shows up here whatever the machine's speed."""
+    import time
+
+    calls: list[float] = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: calls.append(float(seconds)))
+    return calls

@@ -207,13 +207,10 @@ def test_train_times_its_final_evaluation_apart_with_a_progress_bar(data, tmp_pa
     assert f"in {saved['elapsed_s']:.1f}s of training" in captured.out
 
 
-def test_demo_pretrained_without_network_fails_fast(tmp_path, capsys, monkeypatch):
-    import time
-
+def test_demo_pretrained_without_network_fails_fast(tmp_path, capsys, monkeypatch, sleeps):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once, network or not
-    start = time.perf_counter()
     _fails(capsys, ["demo", "--pretrained", "--out", str(tmp_path / "demo")], "resnet18", "--backbone-checkpoint")
-    assert time.perf_counter() - start < 20 and not (tmp_path / "demo").exists()  # vs 48 s of retries
+    assert sleeps == [] and not (tmp_path / "demo").exists()  # no retries (they slept ~48 s), nothing written
