@@ -40,12 +40,14 @@ torch.manual_seed(0)
 cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
                   seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
 trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
-times = []
+times, losses = [], []
 for i in range(iters + 3):
     t0 = time.perf_counter()
-    trainer.train_step()
+    out = trainer.train_step()
     times.append(time.perf_counter() - t0)
-print(json.dumps({{"median": statistics.median(times[3:]), "times": times[3:], "istr": istr.__file__}}))
+    losses.append(float(out["loss"]))
+print(json.dumps({{"median": statistics.median(times[3:]), "times": times[3:], "losses": losses,
+                  "istr": istr.__file__}}))
 """
 _ISTR_STEP = _STEP.format(build="""
 codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
@@ -57,7 +59,8 @@ from train_budget import build_mask_rcnn
 model = build_mask_rcnn(train_set.num_classes, 128)""")
 
 
-def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> float:
+def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> dict:
+    """One measurement in its own process -> {"median" (s), "times", "losses" (per step, warm-up included)}."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": str(threads)}
     # cwd outside the checkout: `python -c` puts the working directory first on sys.path, before PYTHONPATH
     out = subprocess.run([sys.executable, "-c", code, str(data), str(threads), str(iters),
@@ -68,7 +71,15 @@ def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if not result["istr"].startswith(str(pythonpath)):
         raise RuntimeError(f"the step imported istr from {result['istr']}, not from {pythonpath}")
-    return result["median"]
+    return result
+
+
+def loss_agreement(a: list[float], b: list[float], tol: float = 1e-4) -> tuple[int, float]:
+    """(how many leading steps have losses within `tol` relative of each other, the largest relative difference
+    among those steps)."""
+    diffs = [abs(x - y) / max(abs(x), abs(y), 1e-12) for x, y in zip(a, b)]
+    agree = next((i for i, d in enumerate(diffs) if d > tol), len(diffs))
+    return agree, max(diffs[:agree], default=0.0)
 
 
 def main() -> None:
@@ -99,17 +110,23 @@ def main() -> None:
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "istr"], capture_output=True,
                                 text=True).stdout.strip())
     rows: dict[str, list[float]] = {"baseline": [], "current": [], "mask_rcnn": []}
+    losses: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        rows["baseline"].append(_run(_ISTR_STEP, baseline, data, args.threads, args.iters, work))
-        rows["current"].append(_run(_ISTR_STEP, REPO, data, args.threads, args.iters, work))
-        rows["mask_rcnn"].append(_run(_MASK_RCNN_STEP, REPO, data, args.threads, args.iters, work))
+        for key, code, tree in (("baseline", _ISTR_STEP, baseline), ("current", _ISTR_STEP, REPO),
+                                ("mask_rcnn", _MASK_RCNN_STEP, REPO)):
+            run = _run(code, tree, data, args.threads, args.iters, work)
+            rows[key].append(run["median"])
+            losses.setdefault(key, run["losses"])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in rows.items()), flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
+    agree, max_rel = loss_agreement(losses["baseline"], losses["current"])
     result = {"baseline_commit": args.baseline, "current_commit": head + ("+uncommitted" if dirty else ""),
               "threads": args.threads, "rounds": args.rounds, "iters_per_measurement": args.iters,
               "seconds_per_step": rows, "median_seconds_per_step": med,
               "ratio_current_to_baseline": med["current"] / med["baseline"],
-              "ratio_current_to_mask_rcnn": med["current"] / med["mask_rcnn"], "machine": machine_info()}
+              "ratio_current_to_mask_rcnn": med["current"] / med["mask_rcnn"],
+              "losses_first_round": {"baseline": losses["baseline"], "current": losses["current"]},
+              "steps_with_equal_losses": agree, "max_relative_loss_difference": max_rel, "machine": machine_info()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_time_cpu.json").write_text(json.dumps(result, indent=2))
@@ -130,6 +147,10 @@ steps per process, processes alternating.
 {table}
 
 **Current / baseline: {result['ratio_current_to_baseline']:.2f}x**; current / Mask R-CNN: {result['ratio_current_to_mask_rcnn']:.2f}x.
+
+Same initialisation and data: the losses of the first {agree} of {len(losses['current'])} steps agree between the
+two commits to {max_rel:.1e} relative (the step computes the same function; later a rounding difference can flip a
+Hungarian assignment and the runs drift apart, as between any two CPU kernels).
 
 Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads ({m['cpu_capability']}), torch {m['torch']};
 load average at the end {m.get('load_average_1m')}.
