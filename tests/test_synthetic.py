@@ -88,3 +88,18 @@ def test_small_fraction_sets_the_size_mix(tmp_path):
     assert small_share(1.0) > 0.9 and small_share(0.0) < small_share(1.0) - 0.5
     with pytest.raises(ValueError, match="small_fraction"):
         make_synthetic_coco(tmp_path / "bad", num_train=1, num_val=0, image_size=64, small_fraction=1.5)
+
+
+def test_easy_shapes_are_whole_and_apart(tmp_path):
+    """The "easy" preset: no shape cut by the image border, no two shapes overlapping."""
+    paths = make_synthetic_coco(tmp_path / "easy", num_train=30, num_val=0, image_size=96, seed=3, difficulty="easy")
+    anns = json.loads(Path(paths["train_annotations"]).read_text())["annotations"]
+    assert len(anns) >= 30
+    by_image: dict[int, list] = {}
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        assert x >= 1 and y >= 1 and x + w <= 95 and y + h <= 95, a["bbox"]  # clear of the border
+        by_image.setdefault(a["image_id"], []).append(mask_utils.decode(a["segmentation"]).astype(bool))
+    for masks in by_image.values():
+        total = sum(m.astype(int) for m in masks)
+        assert total.max() == 1  # disjoint

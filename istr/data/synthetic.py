@@ -21,12 +21,14 @@ SHAPE_CLASSES: tuple[str, ...] = ("ellipse", "triangle", "star", "cross", "cresc
 # per difficulty: the shape classes, the background, and defaults for the object counts and the small share
 DIFFICULTIES: dict[str, dict] = {
     "hard": dict(shapes=SHAPE_CLASSES, background="textured", min_objects=3, max_objects=10, small_fraction=0.35,
-                 min_visible=0.4),
+                 min_visible=0.4, inside=False),
     "easy": dict(shapes=("ellipse", "triangle", "cross", "ring"), background="plain", min_objects=1, max_objects=4,
-                 small_fraction=0.0, min_visible=1.0),
+                 small_fraction=0.0, min_visible=1.0, inside=True),
 }
 # min_visible: a new shape may hide at most 1 - min_visible of an earlier one (placement is retried; 1.0: no
-# overlap at all, a shape that cannot be placed after 10 tries is left out)
+# overlap at all, a shape that cannot be placed after 10 tries is left out). inside: whole shapes only (centres at
+# least 1.1 half-extents from the border, which holds the easy shapes: the cross reaches 1.07); otherwise a shape
+# may be cut by the image border.
 MIN_VISIBLE_PIXELS = 6
 
 
@@ -105,12 +107,13 @@ def _sample_size(rng: np.random.Generator, m: int, small_fraction: float = 0.35)
 
 
 def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray, full_areas: list[int],
-           shapes: Sequence[str] = SHAPE_CLASSES, min_visible: float = 0.4):
+           shapes: Sequence[str] = SHAPE_CLASSES, min_visible: float = 0.4, inside: bool = False):
     """Draw a random shape (one of `shapes`) of half-extent s; return (class index into shapes, window slices,
     boolean mask in window) or None when 10 placements all hide too much of an earlier shape."""
     cls = int(rng.integers(len(shapes)))
     for _ in range(10):
-        cx, cy, theta = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, 2 * np.pi)
+        mx, my = (min(1.1 * s, w / 2), min(1.1 * s, h / 2)) if inside else (0.0, 0.0)
+        cx, cy, theta = rng.uniform(mx, w - mx), rng.uniform(my, h - my), rng.uniform(0, 2 * np.pi)
         x0, x1 = max(int(cx - 1.5 * s), 0), min(int(cx + 1.5 * s) + 2, w)
         y0, y1 = max(int(cy - 1.5 * s), 0), min(int(cy + 1.5 * s) + 2, h)
         if x1 <= x0 or y1 <= y0:
@@ -134,7 +137,7 @@ def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray
 def render_image(
     rng: np.random.Generator, image_size: tuple[int, int], min_objects: int = 3, max_objects: int = 10,
     small_fraction: float = 0.35, shapes: Sequence[str] = SHAPE_CLASSES, background: str = "textured",
-    min_visible: float = 0.4,
+    min_visible: float = 0.4, inside: bool = False,
 ) -> tuple[np.ndarray, list[dict]]:
     """Render one image -> (uint8 [H, W, 3], instances [{"label" (index into shapes), "mask": bool [H, W]
     visible part, "visible_fraction"}]). Later shapes occlude earlier ones; masks are the visible parts."""
@@ -147,7 +150,7 @@ def render_image(
     count = int(rng.integers(min_objects, max_objects + 1))
     sizes = sorted((_sample_size(rng, min(h, w), small_fraction) for _ in range(count)), reverse=True)
     for s in sizes:
-        placed = _place(rng, h, w, s, owner, full_areas, shapes, min_visible)
+        placed = _place(rng, h, w, s, owner, full_areas, shapes, min_visible, inside)
         if placed is None:
             continue
         cls, window, mask = placed
@@ -187,7 +190,7 @@ def render_image(
 def _write_split(
     root: Path, split: str, count: int, first_id: int, image_size: tuple[int, int], seed: int, split_index: int,
     min_objects: int, max_objects: int, small_fraction: float, image_format: str, save: Callable,
-    shapes: Sequence[str], background: str, min_visible: float,
+    shapes: Sequence[str], background: str, min_visible: float, inside: bool,
 ) -> Path:  # fmt: skip
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,7 @@ def _write_split(
     for k in range(count):
         rng = np.random.default_rng([seed, split_index, k])  # one stream per image: order-independent
         pixels, instances = render_image(rng, image_size, min_objects, max_objects, small_fraction, shapes, background,
-                                         min_visible)
+                                         min_visible, inside)
         image_id = first_id + k
         file_name = f"{image_id:06d}.{image_format}"
         save(pixels, image_dir / file_name)
@@ -245,9 +248,9 @@ def make_synthetic_coco(
     segmentations of the visible parts, bbox, area, iscrowd=0, and an extra "visible_fraction" per annotation).
     difficulty (DIFFICULTIES): "hard" draws the 8 SHAPE_CLASSES (concave ones and ones with holes) on textured
     backgrounds, 3-10 per image, a third of them small (< 32^2 px), partly hiding each other; "easy" draws 4
-    well-separated shapes (ellipse, triangle, cross, ring) on plain backgrounds, 1-4 per image, none small, none
-    overlapping. min_objects, max_objects and
-    small_fraction override the difficulty's. Colours are random per instance, so the class is the shape. The
+    well-separated shapes (ellipse, triangle, cross, ring) on plain backgrounds, 1-4 per image (fewer where they do not
+    fit), none small, none overlapping, none cut by the image border. min_objects, max_objects and small_fraction
+    override the difficulty's. Colours are random per instance, so the class is the shape. The
     same arguments give byte-identical json and images. Returns {"root", "train_images", "train_annotations",
     "val_images", "val_annotations"} as str.
     """
@@ -282,7 +285,7 @@ def make_synthetic_coco(
     root = Path(out_dir)
     common = dict(image_size=(h, w), seed=seed, min_objects=min_objects, max_objects=max_objects,
                   small_fraction=small_fraction, image_format=fmt, save=save, shapes=preset["shapes"],
-                  background=preset["background"], min_visible=preset["min_visible"])  # fmt: skip
+                  background=preset["background"], min_visible=preset["min_visible"], inside=preset["inside"])  # fmt: skip
     train_ann = _write_split(root, "train", num_train, 1, split_index=0, **common)
     val_ann = _write_split(root, "val", num_val, num_train + 1, split_index=1, **common)
     return {
