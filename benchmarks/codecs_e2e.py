@@ -44,7 +44,6 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import istr
-    from istr.data import make_synthetic_coco
     from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, build_demo_model
     from istr.engine import TrainConfig, Trainer, coco_mask_grids, evaluate
 
@@ -139,6 +138,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="runs/codecs_e2e")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report", action="store_true", help="only write the table from the runs already in --work")
     p.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
@@ -157,7 +157,7 @@ def main() -> None:
     if not (data_dir / "done").is_file():
         make_synthetic_coco(data_dir, **DEMO_DATA["easy"])
         (data_dir / "done").write_text("1")
-    pending = [(n, s) for n in args.variants for s in args.seeds]
+    pending = [] if args.report else [(n, s) for n in args.variants for s in args.seeds]
     running: list[tuple[str, int, subprocess.Popen]] = []
     forward = [a for a in sys.argv[1:]]
     t0 = time.time()
@@ -184,6 +184,7 @@ def main() -> None:
     lines, beyond = spread_table(rows, args.variants)
     plot(rows, args.variants, out / "codecs_e2e.png")
     iters = rows[0]["iterations"] if rows else "?"
+    mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py --variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
@@ -199,7 +200,7 @@ Differences beyond the seed spread (per-seed mask AP ranges do not overlap): {',
 ![mask AP per variant](codecs_e2e.png)
 
 Machine: {machine['cpu']}, {machine['cores']} cores, {args.jobs} runs at once with {args.threads} thread(s) each,
-torch {machine['torch']}; {round((time.time() - t0) / 60)} min in all.
+torch {machine['torch']}; {mean_step:.2f} s per training step in each run.
 """
     (out / "codecs_e2e.md").write_text(md)
     print(md)
