@@ -95,7 +95,7 @@ def test_fit_codec_train_resume_eval_predict(tmp_path, capsys):
 
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--threads", "1", "demo", "--out", str(out), "--iters", "3", "--num-train", "40", "--num-val", "3",
+    assert main(["--threads", "1", "demo", "--out", str(out), "--iters", "3", "--num-train", "64", "--num-val", "3",
                  "--image-size", "64", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "s per training step" in printed and f"istr predict {out}" in printed
@@ -115,7 +115,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "mask: AP" in capsys.readouterr().out
     # a second run into the same folder needs --overwrite
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--out", str(out), "--iters", "1", "--num-train", "40", "--num-val", "3", "--no-progress"])
+        main(["demo", "--out", str(out), "--iters", "1", "--num-train", "64", "--num-val", "3", "--no-progress"])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
@@ -128,7 +128,7 @@ def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
     torch.manual_seed(123)
     ckpt = tmp_path / "resnet18_mine.pth"
     torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), ckpt)  # a classifier's checkpoint
-    args = ["--threads", "1", "demo", "--iters", "1", "--num-train", "40", "--num-val", "2",
+    args = ["--threads", "1", "demo", "--iters", "1", "--num-train", "64", "--num-val", "2",
             "--image-size", "64", "--no-progress"]
     with pytest.raises(SystemExit) as exit_info:  # a missing file fails before any data is generated
         main([*args, "--out", str(tmp_path / "no"), "--backbone-checkpoint", str(tmp_path / "missing.pth")])
