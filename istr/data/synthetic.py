@@ -111,8 +111,8 @@ def _place(rng: np.random.Generator, h: int, w: int, s: float, owner: np.ndarray
     """Draw a random shape (one of `shapes`) of half-extent s; return (class index into shapes, window slices,
     boolean mask in window) or None when 10 placements all hide too much of an earlier shape."""
     cls = int(rng.integers(len(shapes)))
+    mx, my = (min(1.1 * s, w / 2), min(1.1 * s, h / 2)) if inside else (0.0, 0.0)  # centre margins
     for _ in range(10):
-        mx, my = (min(1.1 * s, w / 2), min(1.1 * s, h / 2)) if inside else (0.0, 0.0)
         cx, cy, theta = rng.uniform(mx, w - mx), rng.uniform(my, h - my), rng.uniform(0, 2 * np.pi)
         x0, x1 = max(int(cx - 1.5 * s), 0), min(int(cx + 1.5 * s) + 2, w)
         y0, y1 = max(int(cy - 1.5 * s), 0), min(int(cy + 1.5 * s) + 2, h)
