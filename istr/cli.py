@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="run again in an existing non-empty --out: the previous "
                    "report, model and overlays are removed first (its synthetic data/ is reused when it matches)")
     p.add_argument("--iters", type=int, default=None,
-                   help="training steps (default 1500: the same result on any machine, about 10 min on 2 CPU cores)")
+                   help="training steps (default 2100: the same result on any machine, about 9 min on 2 CPU cores)")
     p.add_argument("--minutes", type=float, default=None, help="also stop after this many minutes of training")
     p.add_argument("--data", choices=("easy", "hard"), default="easy",
                    help="easy (default: plain backgrounds, 4 shapes, 96 px) or hard (the research benchmark: "

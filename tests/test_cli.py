@@ -106,6 +106,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "| mask (segm) |" in report and "training time" in report and metrics["machine"]["cpu"] in report
     assert "| device | cpu |" in report and "3 of 3 requested" in report and "Load average" in report
     assert metrics["model"]["denoising_groups"] == 4 and "4 denoising groups" in report
+    assert metrics["model"]["timm_kwargs"]["channels"] == [32, 64, 128, 256] and "ResNet-18 (half width" in report
     assert (out / "loss_curve.png").stat().st_size > 5000
     assert len(list((out / "overlays").glob("*.png"))) == 3
     # the demo's output directory works with predict and eval as printed
@@ -138,7 +139,7 @@ def test_demo_starts_from_a_local_backbone_checkpoint(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main([*args, "--out", str(out), "--backbone-checkpoint", str(ckpt)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"]["checkpoint_path"] == str(ckpt)
+    assert metrics["model"]["checkpoint_path"] == str(ckpt) and "timm_kwargs" not in metrics["model"]  # full width
     assert f"the backbone checkpoint `{ckpt}`" in (out / "report.md").read_text()
     # the trained backbone is the checkpoint after one small AdamW step, not a fresh random initialisation
     trained = istr.load_model(out / "train" / "model.safetensors").backbone.body.conv1.weight
