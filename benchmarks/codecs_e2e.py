@@ -185,11 +185,13 @@ def main() -> None:
     plot(rows, args.variants, out / "codecs_e2e.png")
     iters = rows[0]["iterations"] if rows else "?"
     mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
+    width = "half-width " if DEMO_MODEL.get("timm_kwargs", {}).get("channels") == [32, 64, 128, 256] else ""
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py --variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
-istr_tiny with the demo's settings ({iters} steps of 8 images, denoising x{DEMO_MODEL['denoising_groups']}), one change
-per row, evaluated on the 50 validation images. Values in %: mean over seeds (per-seed values).
+istr_tiny with the demo's settings (`istr.demo.DEMO_MODEL`: {DEMO_MODEL['num_queries']} queries, {width}ResNet-18;
+{iters} steps of 8 images, denoising x{DEMO_MODEL['denoising_groups']}), one change per row, evaluated on the
+{DEMO_DATA['easy']['num_val']} validation images. Values in %: mean over seeds (per-seed values).
 
 | variant | mask AP | mask AP50 | mask AP75 | box AP | codec reconstruction IoU (val masks) |
 |---|---|---|---|---|---|

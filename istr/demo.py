@@ -261,7 +261,7 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
     print(f"training {model} for {iters} steps of {cfg.batch_size} images ({machine['torch_threads']} threads, "
           f"load average {machine.get('load_average_1m')})" + (f", at most {minutes:g} min" if minutes else ""))
     trainer = Trainer(net, train_set, cfg, val_dataset=val_set if eval_every else None, out_dir=out / "train",
-                      callbacks=[StepTimer(calibrate=min(10, iters))], overwrite=True)
+                      callbacks=[StepTimer(calibrate=min(10, iters), skip=min(5, iters - min(10, iters)))], overwrite=True)
     result = trainer.train()
     t_train = time.perf_counter()
 

@@ -65,25 +65,29 @@ class PeriodicEvaluation(Callback):
 
 
 class StepTimer(Callback):
-    """After `calibrate` steps, print the seconds per step and the expected time to cfg.max_iters; later, warn
-    (once per `warn_every` steps at most) when a step takes over `slow_factor` x the median of the steps so far,
-    which on a CPU usually means other processes are competing for it."""
+    """After `skip` + `calibrate` steps, print the seconds per step (median of the `calibrate` steps after the
+    first `skip`, which are slower: memory allocation, kernel selection) and the expected time to cfg.max_iters;
+    later, warn (once per `warn_every` steps at most) when a step takes over `slow_factor` x the median of the
+    steps so far, which on a CPU usually means other processes are competing for it."""
 
-    def __init__(self, calibrate: int = 10, slow_factor: float = 3.0, warn_every: int = 50, echo=print) -> None:
+    def __init__(self, calibrate: int = 10, slow_factor: float = 3.0, warn_every: int = 50, echo=print,
+                 skip: int = 5) -> None:
         self.calibrate, self.slow_factor, self.warn_every, self.echo = int(calibrate), float(slow_factor), int(warn_every), echo
+        self.skip = max(0, int(skip))
         self.times: list[float] = []
         self.last_warning = -10**9
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         self.times.append(trainer.last_step_seconds)
-        if not trainer.is_main:
+        if not trainer.is_main or len(self.times) <= self.skip:
             return
-        n, median = len(self.times), statistics.median(self.times)
+        n, median = len(self.times) - self.skip, statistics.median(self.times[self.skip:])
         if n == self.calibrate:
             total = trainer.cfg.max_iters
             left = "" if total is None else (f"; {total - trainer.iteration} steps to go, expected "
                                               f"{(total - trainer.iteration) * median / 60:.1f} min more")
-            self.echo(f"{median:.2f} s per training step (median of the first {n}){left}")
+            first = self.skip + 1
+            self.echo(f"{median:.2f} s per training step (median of steps {first}-{first + n - 1}){left}")
             trainer.log({"iter": trainer.iteration, "event": "speed", "seconds_per_iter": round(median, 4)})
         elif (n > self.calibrate and self.times[-1] > self.slow_factor * median
               and trainer.iteration - self.last_warning >= self.warn_every):
