@@ -9,6 +9,8 @@ each runs in its own process (--jobs at a time) with a fixed iteration count, so
 settings learn fastest per iteration; `--time-cpu` instead times a few CPU iterations of each variant (what one
 iteration costs in the demo's real setting), and `--probe LR ...` trains the backbone alone as a classifier at the
 ground-truth boxes (does it learn the shapes at this lr?). Writes OUT/<variant>/log.jsonl and OUT/summary.{json,md}.
+The demo's model changed on 2026-11-29 (10 queries and a half-width ResNet-18, from 20 queries and the full width);
+the hard-data results in benchmarks/results/convergence_cpu.md used the earlier one: the variant `q20_full` restores it.
 
     python benchmarks/convergence.py --probe 1e-3 2e-4 --iters 300 --threads 2
 """
@@ -27,6 +29,7 @@ from typing import Any
 EASY = {"min_objects": 1, "max_objects": 4, "small_fraction": 0.0}  # fewer shapes, none small
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "base": {},
+    "q20_full": {"model": {"num_queries": 20, "timm_kwargs": {}}},
     **{f"lr{lr}": {"train": {"lr": float(lr), "backbone_lr_mult": 1.0}} for lr in ("1e-4", "2e-4", "1e-3", "1.5e-3")},
     "lr5e-4_bb0.4": {"train": {"lr": 5e-4, "backbone_lr_mult": 0.4}},
     "few_obj_lr1.5e-3": {"data": {"min_objects": 1, "max_objects": 4}, "train": {"lr": 1.5e-3, "backbone_lr_mult": 1.0}},

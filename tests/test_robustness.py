@@ -241,3 +241,21 @@ def test_the_authors_polygon_target_crop_is_an_option(data, tmp_path):
                              segmentations=True)
     with pytest.raises(ValueError, match="horizontal flips only"):
         cropping[0]
+
+
+def test_the_step_timer_estimates_from_steps_after_the_warm_up():
+    from types import SimpleNamespace
+
+    from istr.engine.callbacks import StepTimer
+
+    said: list[str] = []
+    records: list[dict] = []
+    trainer = SimpleNamespace(is_main=True, cfg=SimpleNamespace(max_iters=105), iteration=0, last_step_seconds=0.0,
+                              log=records.append)
+    timer = StepTimer(calibrate=3, skip=2, echo=said.append)
+    for step, seconds in enumerate([9.0, 5.0, 1.0, 1.2, 0.8, 1.0, 4.0], start=1):  # 2 slow warm-up steps, then ~1 s
+        trainer.iteration, trainer.last_step_seconds = step, seconds
+        timer.on_step_end(trainer, {})
+    assert said[0] == "1.00 s per training step (median of steps 3-5); 100 steps to go, expected 1.7 min more"
+    assert records[0] == {"iter": 5, "event": "speed", "seconds_per_iter": 1.0}
+    assert len(said) == 2 and said[1].startswith("warning: step 7 took 4.00 s, 4.0x the median 1.00 s")
