@@ -1,6 +1,6 @@
 """Codecs compared end to end: the demo's ISTR trained with each mask codec on the same data and budget.
 
-    python benchmarks/codecs_e2e.py --seeds 0 1 --jobs 2 --threads 1            # ~70 min on 2 CPU cores
+    python benchmarks/codecs_e2e.py --seeds 0 1 --jobs 2 --threads 1            # ~62 min on 2 CPU cores
     python benchmarks/codecs_e2e.py --variants pca60 cost_embed_l1 attn_multihead  # paper Table 1b / 1d rows
 
 Each variant is the demo (istr.demo: easy synthetic shapes, istr_tiny, its training settings and iteration budget)

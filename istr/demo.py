@@ -258,7 +258,8 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
                       gamma=train_cfg["gamma"], clip_grad_norm=train_cfg["clip_grad_norm"], seed=seed,
                       checkpoint_every=0, log_every=10, progress=progress, device=device, eval_at_end=False,
                       eval_every=eval_every, eval_kwargs={"progress": False})
-    print(f"training {model} for {iters} steps of {cfg.batch_size} images ({machine['torch_threads']} threads, "
+    threads_text = f"{machine['torch_threads']} thread" + ("s" if machine["torch_threads"] != 1 else "")
+    print(f"training {model} for {iters} steps of {cfg.batch_size} images ({threads_text}, "
           f"load average {machine.get('load_average_1m')})" + (f", at most {minutes:g} min" if minutes else ""))
     trainer = Trainer(net, train_set, cfg, val_dataset=val_set if eval_every else None, out_dir=out / "train",
                       callbacks=[StepTimer(calibrate=min(10, iters), skip=min(5, iters - min(10, iters)))], overwrite=True)
