@@ -151,7 +151,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     from istr.data import make_synthetic_coco
-    from istr.demo import DEMO_DATA, DEMO_MODEL, machine_info
+    from istr.demo import DEMO_DATA, DEMO_MODEL, HALF_WIDTH_RESNET18, machine_info
 
     data_dir = work / "data_easy"
     if not (data_dir / "done").is_file():
@@ -185,7 +185,7 @@ def main() -> None:
     plot(rows, args.variants, out / "codecs_e2e.png")
     iters = rows[0]["iterations"] if rows else "?"
     mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
-    width = "half-width " if DEMO_MODEL.get("timm_kwargs", {}).get("channels") == [32, 64, 128, 256] else ""
+    width = "half-width " if DEMO_MODEL.get("timm_kwargs") == HALF_WIDTH_RESNET18 else ""
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py --variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:

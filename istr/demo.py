@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_ISDA_MODEL", "DEMO_TRAIN", "DEMO_CODEC", "fit_demo_codec",
-           "build_demo_model", "run_demo", "machine_info", "plot_loss_curve"]
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_ISDA_MODEL", "DEMO_TRAIN", "DEMO_CODEC", "HALF_WIDTH_RESNET18",
+           "fit_demo_codec", "build_demo_model", "run_demo", "machine_info", "plot_loss_curve"]
 
 # The demo's settings; benchmarks/results/convergence_cpu.md holds the experiments behind them. "easy" data is the
 # default: plain backgrounds, 4 shapes, 1-4 medium/large objects at 96 px, learnable in minutes on a CPU. "hard"
@@ -25,8 +25,9 @@ DEMO_DATA: dict[str, dict[str, Any]] = {
 # istr_tiny at 96 px with 10 queries (1-4 objects per image) and a half-width ResNet-18 (32-256 channels): cheaper
 # steps that also learn faster per step from random weights than 20 queries on the full width. With ImageNet or
 # checkpoint weights the demo keeps the full-width ResNet-18 those weights are for.
+HALF_WIDTH_RESNET18: dict[str, Any] = {"channels": [32, 64, 128, 256], "stem_width": 32}  # timm_kwargs
 DEMO_MODEL: dict[str, Any] = dict(num_queries=10, train_min_sizes=None, detections_per_image=50, denoising_groups=4,
-                                  timm_kwargs={"channels": [32, 64, 128, 256], "stem_width": 32})
+                                  timm_kwargs=HALF_WIDTH_RESNET18)
 DEMO_ISDA_MODEL: dict[str, Any] = dict(num_queries=20, train_min_sizes=None, detections_per_image=50)
 DEMO_TRAIN: dict[str, Any] = dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, iters=2100, warmup_iters=50,
                                   decay_at=0.65, gamma=0.1, clip_grad_norm=1.0, flip=True)
@@ -262,7 +263,7 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
     print(f"training {model} for {iters} steps of {cfg.batch_size} images ({threads_text}, "
           f"load average {machine.get('load_average_1m')})" + (f", at most {minutes:g} min" if minutes else ""))
     trainer = Trainer(net, train_set, cfg, val_dataset=val_set if eval_every else None, out_dir=out / "train",
-                      callbacks=[StepTimer(calibrate=min(10, iters), skip=min(5, iters - min(10, iters)))], overwrite=True)
+                      callbacks=[StepTimer()], overwrite=True)
     result = trainer.train()
     t_train = time.perf_counter()
 
@@ -325,7 +326,7 @@ def _model_text(r: dict[str, Any]) -> str:
         return (f"ISDA (`isda_tiny`: ResNet-18 with a channel mapper, deformable transformer, {m['num_queries']} "
                 f"queries, dynamic mask kernels; {m['parameters'] / 1e6:.1f} M parameters)")
     dn = m.get("denoising_groups", 0)
-    width = " (half width, 32-256 channels)" if m.get("timm_kwargs", {}).get("channels") == [32, 64, 128, 256] else ""
+    width = " (half width, 32-256 channels)" if m.get("timm_kwargs") == HALF_WIDTH_RESNET18 else ""
     return (f"ISTR (`istr_tiny`: ResNet-18{width} FPN, {m['num_queries']} queries, 3 stages, PCA-60 codec on 28x28 "
             f"masks, {m['parameters'] / 1e6:.1f} M parameters"
             + (f"; trained with {dn} denoising groups, jittered copies of the ground-truth boxes as extra "

@@ -253,9 +253,20 @@ def test_the_step_timer_estimates_from_steps_after_the_warm_up():
     trainer = SimpleNamespace(is_main=True, cfg=SimpleNamespace(max_iters=105), iteration=0, last_step_seconds=0.0,
                               log=records.append)
     timer = StepTimer(calibrate=3, skip=2, echo=said.append)
+    timer.on_train_start(trainer)
     for step, seconds in enumerate([9.0, 5.0, 1.0, 1.2, 0.8, 1.0, 4.0], start=1):  # 2 slow warm-up steps, then ~1 s
         trainer.iteration, trainer.last_step_seconds = step, seconds
         timer.on_step_end(trainer, {})
     assert said[0] == "1.00 s per training step (median of steps 3-5); 100 steps to go, expected 1.7 min more"
     assert records[0] == {"iter": 5, "event": "speed", "seconds_per_iter": 1.0}
     assert len(said) == 2 and said[1].startswith("warning: step 7 took 4.00 s, 4.0x the median 1.00 s")
+
+    # a run shorter than skip + calibrate still gets its estimate, from every step it has
+    short = SimpleNamespace(**{**vars(trainer), "cfg": SimpleNamespace(max_iters=3)})
+    said.clear()
+    timer = StepTimer(echo=said.append)  # skip 5, calibrate 10
+    timer.on_train_start(short)
+    for step in (1, 2, 3):
+        short.iteration, short.last_step_seconds = step, 2.0
+        timer.on_step_end(short, {})
+    assert said == ["2.00 s per training step (median of steps 1-3); 0 steps to go, expected 0.0 min more"]

@@ -68,7 +68,8 @@ class StepTimer(Callback):
     """After `skip` + `calibrate` steps, print the seconds per step (median of the `calibrate` steps after the
     first `skip`, which are slower: memory allocation, kernel selection) and the expected time to cfg.max_iters;
     later, warn (once per `warn_every` steps at most) when a step takes over `slow_factor` x the median of the
-    steps so far, which on a CPU usually means other processes are competing for it."""
+    steps so far, which on a CPU usually means other processes are competing for it. Both windows shrink to fit
+    a run shorter than `skip` + `calibrate` steps (cfg.max_iters), so the estimate is always printed."""
 
     def __init__(self, calibrate: int = 10, slow_factor: float = 3.0, warn_every: int = 50, echo=print,
                  skip: int = 5) -> None:
@@ -76,6 +77,12 @@ class StepTimer(Callback):
         self.skip = max(0, int(skip))
         self.times: list[float] = []
         self.last_warning = -10**9
+
+    def on_train_start(self, trainer: Any) -> None:
+        total = trainer.cfg.max_iters
+        if total is not None:
+            self.skip = min(self.skip, max(0, total - self.calibrate))
+            self.calibrate = max(1, min(self.calibrate, total - self.skip))
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         self.times.append(trainer.last_step_seconds)
