@@ -1,15 +1,17 @@
 """Codecs compared end to end: the demo's ISTR trained with each mask codec on the same data and budget.
 
     python benchmarks/codecs_e2e.py --seeds 0 1 --jobs 2 --threads 1            # ~62 min on 2 CPU cores
-    python benchmarks/codecs_e2e.py --variants pca60 cost_embed_l1 attn_multihead  # paper Table 1b / 1d rows
+    python benchmarks/codecs_e2e.py --name ablations_e2e --variants pca60 cost_none cost_dice cost_embed_l1 \
+        attn_multihead                                                           # paper Table 1b / 1d rows
 
 Each variant is the demo (istr.demo: easy synthetic shapes, istr_tiny, its training settings and iteration budget)
 with one change, a one-line dict in VARIANTS: the codec (Table 1a: PCA-60 as in ISTR v1, a learned autoencoder-60,
 DCT-60, identity-784, each fitted on the training masks) or the matching cost (1b) or the attention (1d). Each run
 is its own process (--jobs at a time); the table gives mask AP, AP50, AP75 and box AP per seed, and the codec's
 reconstruction IoU on the validation masks (the ceiling of mask quality). A difference between two variants is
-called beyond the seed spread when their per-seed ranges of mask AP do not overlap. Writes
-benchmarks/results/codecs_e2e.{json,md,png}.
+called beyond the seed spread when their per-seed ranges of mask AP do not overlap. Runs whose row is already in
+--work are not run again (so variants can be added to an earlier run). Writes benchmarks/results/NAME.{json,md,png}
+(--name, default codecs_e2e).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ae60": {"codec": ("autoencoder", {"mask_size": 28, "dim": 60})},
     "dct60": {"codec": ("dct", {"mask_size": 28, "dim": 60})},
     "identity784": {"codec": ("identity", {"mask_size": 28})},
-    # paper Table 1b (mask matching cost) and 1d (attention), on the PCA-60 model
+    # paper Table 1b (mask matching cost; pca60 is the paper's cosine cost) and 1d (attention), on the PCA-60 model
+    "cost_none": {"model": {"costs": {"focal": 2, "l1": 5, "giou": 2}}},
     "cost_embed_l1": {"model": {"costs": {"focal": 2, "l1": 5, "giou": 2, "embed_l1": 2}}},
     "cost_dice": {"model": {"costs": {"focal": 2, "l1": 5, "giou": 2, "dice": 2}}},
     "attn_multihead": {"model": {"attention": "multihead"}},
@@ -138,6 +141,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="runs/codecs_e2e")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="codecs_e2e", help="stem of the files written in --out")
     p.add_argument("--report", action="store_true", help="only write the table from the runs already in --work")
     p.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,13 +155,20 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     from istr.data import make_synthetic_coco
-    from istr.demo import DEMO_DATA, DEMO_MODEL, HALF_WIDTH_RESNET18, machine_info
+    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, HALF_WIDTH_RESNET18, machine_info
 
     data_dir = work / "data_easy"
     if not (data_dir / "done").is_file():
         make_synthetic_coco(data_dir, **DEMO_DATA["easy"])
         (data_dir / "done").write_text("1")
-    pending = [] if args.report else [(n, s) for n in args.variants for s in args.seeds]
+    iters = args.iters or DEMO_TRAIN["iters"]
+    done = {(n, s): json.loads((work / f"{n}_s{s}.json").read_text()) for n in args.variants for s in args.seeds
+            if (work / f"{n}_s{s}.json").is_file()}
+    stale = [f"{n}_s{s} ({row['iterations']} steps)" for (n, s), row in done.items() if row["iterations"] != iters]
+    if stale and not args.report:
+        raise SystemExit(f"{work} holds runs of another budget than {iters} steps: {', '.join(stale)}; "
+                         "use another --work")
+    pending = [] if args.report else [(n, s) for n in args.variants for s in args.seeds if (n, s) not in done]
     running: list[tuple[str, int, subprocess.Popen]] = []
     forward = [a for a in sys.argv[1:]]
     t0 = time.time()
@@ -178,17 +189,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (out / "codecs_e2e.json").write_text(json.dumps({"rows": rows, "machine": machine, "threads": args.threads,
+    (out / f"{args.name}.json").write_text(json.dumps({"rows": rows, "machine": machine, "threads": args.threads,
                                                      "jobs": args.jobs, "wall_seconds": round(time.time() - t0)},
                                                     indent=1))
     lines, beyond = spread_table(rows, args.variants)
-    plot(rows, args.variants, out / "codecs_e2e.png")
+    plot(rows, args.variants, out / f"{args.name}.png")
     iters = rows[0]["iterations"] if rows else "?"
     mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
     width = "half-width " if DEMO_MODEL.get("timm_kwargs") == HALF_WIDTH_RESNET18 else ""
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
-`python benchmarks/codecs_e2e.py --variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
+`python benchmarks/codecs_e2e.py {'' if args.name == 'codecs_e2e' else f'--name {args.name} '}--variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
 istr_tiny with the demo's settings (`istr.demo.DEMO_MODEL`: {DEMO_MODEL['num_queries']} queries, {width}ResNet-18;
 {iters} steps of 8 images, denoising x{DEMO_MODEL['denoising_groups']}), one change per row, evaluated on the
 {DEMO_DATA['easy']['num_val']} validation images. Values in %: mean over seeds (per-seed values).
@@ -199,12 +210,12 @@ istr_tiny with the demo's settings (`istr.demo.DEMO_MODEL`: {DEMO_MODEL['num_que
 
 Differences beyond the seed spread (per-seed mask AP ranges do not overlap): {', '.join(beyond) if beyond else 'none'}.
 
-![mask AP per variant](codecs_e2e.png)
+![mask AP per variant]({args.name}.png)
 
 Machine: {machine['cpu']}, {machine['cores']} cores, {args.jobs} runs at once with {args.threads} thread(s) each,
 torch {machine['torch']}; {mean_step:.2f} s per training step in each run.
 """
-    (out / "codecs_e2e.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
 
 
