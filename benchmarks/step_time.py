@@ -37,8 +37,9 @@ train_set = CocoInstances(data + "/train", data + "/annotations/instances_train.
                           transforms=build_transforms(True, crop_prob=0.0))
 torch.manual_seed(0)
 {build}
+bf16 = {{"bf16": True}} if sys.argv[6:] == ["bf16"] else {{}}  # only this checkout's row asks for it
 cfg = TrainConfig(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, max_iters=1000, warmup_iters=0, milestones=(),
-                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu")
+                  seed=0, checkpoint_every=0, log_every=0, eval_at_end=False, progress=False, device="cpu", **bf16)
 trainer = Trainer(model, train_set, cfg, out_dir=sys.argv[4])
 times, losses = [], []
 for i in range(iters + 3):
@@ -59,12 +60,12 @@ from train_budget import build_mask_rcnn
 model = build_mask_rcnn(train_set.num_classes, 128)""")
 
 
-def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path) -> dict:
+def _run(code: str, pythonpath: Path, data: Path, threads: int, iters: int, work: Path, bf16: bool = False) -> dict:
     """One measurement in its own process -> {"median" (s), "times", "losses" (per step, warm-up included)}."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": str(threads)}
     # cwd outside the checkout: `python -c` puts the working directory first on sys.path, before PYTHONPATH
     out = subprocess.run([sys.executable, "-c", code, str(data), str(threads), str(iters),
-                          tempfile.mkdtemp(dir=work), str(REPO / "benchmarks")],
+                          tempfile.mkdtemp(dir=work), str(REPO / "benchmarks"), *(["bf16"] if bf16 else [])],
                          env=env, capture_output=True, text=True, check=False, cwd=work)
     if out.returncode:
         raise RuntimeError(f"step timing failed ({pythonpath}):\n{out.stderr[-3000:]}")
@@ -90,6 +91,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=12, help="timed steps per measurement (after 3 warm-up steps)")
     p.add_argument("--work", default=None, help="folder for the data and the baseline tree (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--bf16", action="store_true",
+                   help="also time this checkout with TrainConfig(bf16=True) (autocast; other numerics, an extra row)")
     args = p.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -109,17 +112,21 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "istr"], capture_output=True,
                                 text=True).stdout.strip())
-    rows: dict[str, list[float]] = {"baseline": [], "current": [], "mask_rcnn": []}
+    rows: dict[str, list[float]] = {"baseline": [], "current": [], "mask_rcnn": [], **({"bf16": []} if args.bf16 else {})}
     losses: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for key, code, tree in (("baseline", _ISTR_STEP, baseline), ("current", _ISTR_STEP, REPO),
-                                ("mask_rcnn", _MASK_RCNN_STEP, REPO)):
-            run = _run(code, tree, data, args.threads, args.iters, work)
+                                ("mask_rcnn", _MASK_RCNN_STEP, REPO), ("bf16", _ISTR_STEP, REPO))[:len(rows)]:
+            run = _run(code, tree, data, args.threads, args.iters, work, bf16=key == "bf16")
             rows[key].append(run["median"])
             losses.setdefault(key, run["losses"])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in rows.items()), flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     agree, max_rel = loss_agreement(losses["baseline"], losses["current"])
+    bf16_note = "" if "bf16" not in rows else (
+        f"\nWith `TrainConfig(bf16=True)` (bfloat16 autocast: an option with other numerics, not the paper's float32) "
+        f"this checkout's step is {med['bf16']:.3f} s, {med['bf16'] / med['baseline']:.2f}x the baseline's float32 "
+        "step; that depends on the CPU's bfloat16 support.\n")
     result = {"baseline_commit": args.baseline, "current_commit": head + ("+uncommitted" if dirty else ""),
               "threads": args.threads, "rounds": args.rounds, "iters_per_measurement": args.iters,
               "seconds_per_step": rows, "median_seconds_per_step": med,
@@ -134,10 +141,12 @@ def main() -> None:
     table = "\n".join(f"| {name} | " + " | ".join(f"{t:.3f}" for t in rows[key]) + f" | **{med[key]:.3f}** |"
                       for key, name in (("baseline", f"ISTR at {args.baseline}"),
                                         ("current", f"ISTR at {result['current_commit']}"),
-                                        ("mask_rcnn", "Mask R-CNN R18-FPN")))
+                                        ("mask_rcnn", "Mask R-CNN R18-FPN"),
+                                        ("bf16", f"ISTR at {result['current_commit']}, bf16 autocast"))
+                      if key in rows)
     md = f"""# Training step time on CPU: ISTR now vs {args.baseline}, and Mask R-CNN
 
-`python benchmarks/step_time.py --baseline {args.baseline} --threads {args.threads} --rounds {args.rounds} --iters {args.iters}`:
+`python benchmarks/step_time.py --baseline {args.baseline} --threads {args.threads} --rounds {args.rounds} --iters {args.iters}{' --bf16' if args.bf16 else ''}`:
 the demo's configuration before the easy data (istr_tiny, 20 queries, 128 px, batch 8, denoising x2, AdamW, the
 public Trainer's train_step with data loading) on the hard synthetic set; seconds per step, median of {args.iters}
 steps per process, processes alternating.
@@ -151,7 +160,7 @@ steps per process, processes alternating.
 Same initialisation and data: the losses of the first {agree} of {len(losses['current'])} steps agree between the
 two commits to {max_rel:.1e} relative (the step computes the same function; later a rounding difference can flip a
 Hungarian assignment and the runs drift apart, as between any two CPU kernels).
-
+{bf16_note}
 Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads ({m['cpu_capability']}), torch {m['torch']};
 load average at the end {m.get('load_average_1m')}.
 """
