@@ -112,11 +112,12 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "istr"], capture_output=True,
                                 text=True).stdout.strip())
-    rows: dict[str, list[float]] = {"baseline": [], "current": [], "mask_rcnn": [], **({"bf16": []} if args.bf16 else {})}
+    measurements = [("baseline", _ISTR_STEP, baseline), ("current", _ISTR_STEP, REPO),
+                    ("mask_rcnn", _MASK_RCNN_STEP, REPO)] + ([("bf16", _ISTR_STEP, REPO)] if args.bf16 else [])
+    rows: dict[str, list[float]] = {key: [] for key, _, _ in measurements}
     losses: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for key, code, tree in (("baseline", _ISTR_STEP, baseline), ("current", _ISTR_STEP, REPO),
-                                ("mask_rcnn", _MASK_RCNN_STEP, REPO), ("bf16", _ISTR_STEP, REPO))[:len(rows)]:
+        for key, code, tree in measurements:
             run = _run(code, tree, data, args.threads, args.iters, work, bf16=key == "bf16")
             rows[key].append(run["median"])
             losses.setdefault(key, run["losses"])

@@ -270,3 +270,12 @@ def test_the_step_timer_estimates_from_steps_after_the_warm_up():
         short.iteration, short.last_step_seconds = step, 2.0
         timer.on_step_end(short, {})
     assert said == ["2.00 s per training step (median of steps 1-3); 0 steps to go, expected 0.0 min more"]
+
+    # reused for a longer run, the timer starts afresh with the windows it was built with (skip 5, calibrate 10)
+    said.clear()
+    long = SimpleNamespace(**{**vars(trainer), "cfg": SimpleNamespace(max_iters=100)})
+    timer.on_train_start(long)
+    for step in range(1, 16):
+        long.iteration, long.last_step_seconds = step, 3.0
+        timer.on_step_end(long, {})
+    assert said == ["3.00 s per training step (median of steps 6-15); 85 steps to go, expected 4.2 min more"]

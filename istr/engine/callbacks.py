@@ -75,28 +75,32 @@ class StepTimer(Callback):
                  skip: int = 5) -> None:
         self.calibrate, self.slow_factor, self.warn_every, self.echo = int(calibrate), float(slow_factor), int(warn_every), echo
         self.skip = max(0, int(skip))
+        self._skip, self._calibrate = self.skip, self.calibrate  # this run's windows (on_train_start fits them)
         self.times: list[float] = []
         self.last_warning = -10**9
 
     def on_train_start(self, trainer: Any) -> None:
+        """Fit the windows to this run, from the requested ones (a timer reused for another run starts afresh)."""
+        self.times, self.last_warning = [], -10**9
+        self._skip, self._calibrate = self.skip, self.calibrate
         total = trainer.cfg.max_iters
         if total is not None:
-            self.skip = min(self.skip, max(0, total - self.calibrate))
-            self.calibrate = max(1, min(self.calibrate, total - self.skip))
+            self._skip = min(self.skip, max(0, total - self.calibrate))
+            self._calibrate = max(1, min(self.calibrate, total - self._skip))
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         self.times.append(trainer.last_step_seconds)
-        if not trainer.is_main or len(self.times) <= self.skip:
+        if not trainer.is_main or len(self.times) <= self._skip:
             return
-        n, median = len(self.times) - self.skip, statistics.median(self.times[self.skip:])
-        if n == self.calibrate:
+        n, median = len(self.times) - self._skip, statistics.median(self.times[self._skip:])
+        if n == self._calibrate:
             total = trainer.cfg.max_iters
             left = "" if total is None else (f"; {total - trainer.iteration} steps to go, expected "
                                               f"{(total - trainer.iteration) * median / 60:.1f} min more")
-            first = self.skip + 1
+            first = self._skip + 1
             self.echo(f"{median:.2f} s per training step (median of steps {first}-{first + n - 1}){left}")
             trainer.log({"iter": trainer.iteration, "event": "speed", "seconds_per_iter": round(median, 4)})
-        elif (n > self.calibrate and self.times[-1] > self.slow_factor * median
+        elif (n > self._calibrate and self.times[-1] > self.slow_factor * median
               and trainer.iteration - self.last_warning >= self.warn_every):
             self.last_warning = trainer.iteration
             self.echo(f"warning: step {trainer.iteration} took {self.times[-1]:.2f} s, {self.times[-1] / median:.1f}x "

@@ -57,7 +57,7 @@ class DynamicInteraction(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, queries: torch.Tensor, roi_tokens: torch.Tensor) -> torch.Tensor:
-        # split, not two slices: a slice's backward zero-fills a full [N, 2*d*dd] gradient (2% of a CPU step)
+        # split, not two slices: each slice's backward zero-fills a full [N, 2*d*dd] gradient; split's is one cat
         w1, w2 = self.generator(queries).split(self.dim * self.dynamic_dim, dim=1)  # [N, d*dd] each
         w1, w2 = w1.view(-1, self.dim, self.dynamic_dim), w2.view(-1, self.dynamic_dim, self.dim)
         x = elu(self.norm1(torch.bmm(roi_tokens, w1)))  # [N, S*S, dd]
