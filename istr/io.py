@@ -8,29 +8,51 @@ A model file holds the state_dict and, in its metadata, what rebuilds the model:
 A module that is not a registered architecture (a torchvision baseline trained with the same Trainer) is
 saved as format "istr-state-dict" with its class name, and loads only into a given instance (model=...).
 
+Integrity: every file written here (models, codecs, checkpoints' model files) stores, under the metadata key
+"checksums", the CRC-32 of each tensor's bytes and of the other metadata; loading verifies them and raises
+CorruptFileError (a ValueError) naming the file and the tensor or key that changed. Files written before checksums
+existed (model format version <= 2, codec format 1) have none and load unverified. A file whose format version is
+newer than this library's is refused; missing or extra metadata keys, an unknown architecture, a config that does
+not build the model and a category list that does not match num_classes each raise one ValueError naming the file
+and the key. load_torch_file reads torch.save files (trainer_state.pt) with the same care: the zip's CRC-32 of
+every record is checked, and truncated or damaged files raise CorruptFileError naming the file.
+
 Run directories (istr.engine.Trainer) hold RUN/model.safetensors and RUN/checkpoints/iter_NNNNNNN/{model.safetensors,
 trainer_state.pt}, with RUN/checkpoints/last naming the newest complete checkpoint; load_model takes any of them.
 """
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from istr.checks import check_device
 from istr.fileio import atomic_save, check_readable_file
 from istr.registry import Registry
 
 __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
            "load_model", "find_model_file", "check_state_dict", "config_mismatches", "latest_checkpoint",
-           "list_checkpoints", "MODEL_FILE", "STATE_FILE", "LAST_FILE"]
+           "list_checkpoints", "MODEL_FILE", "STATE_FILE", "LAST_FILE", "CorruptFileError", "load_torch_file",
+           "check_format_version", "metadata_json", "CHECKSUMS_KEY"]
 
 ARCHITECTURES = Registry("model architecture")
 
 MODEL_FORMAT, STATE_DICT_FORMAT = "istr-model", "istr-state-dict"
-MODEL_FORMAT_VERSION = "2"  # 2: architecture + categories keys; version 1 files are ISTR models
+# 2: architecture + categories keys; version 1 files are ISTR models. 3: checksums (required from 3 on)
+MODEL_FORMAT_VERSION = "3"
+CHECKSUMS_KEY = "checksums"
+_MODEL_KEYS = {"format", "version", "istr_version", "architecture", "config", "categories", CHECKSUMS_KEY}
+_STATE_DICT_KEYS = {"format", "version", "class", "istr_version", CHECKSUMS_KEY}
+
+
+class CorruptFileError(ValueError):
+    """A file's bytes do not match the checksums stored when it was written, or it is truncated/undecodable:
+    it was damaged or modified after it was written."""
 MODEL_FILE, STATE_FILE, LAST_FILE = "model.safetensors", "trainer_state.pt", "last"  # the run directory layout
 
 
@@ -50,32 +72,144 @@ def register_architecture(name: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def read_safetensors(path: str | Path, kind: str,
-                     map_location: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _crc(data: bytes | memoryview) -> str:
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def _tensor_crc(tensor: torch.Tensor) -> str:
+    """CRC-32 of a CPU tensor's bytes as safetensors stores them (C order, native = little-endian byte order)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return _crc(b"")
+    return _crc(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _metadata_crc(metadata: dict[str, str]) -> str:
+    body = {k: v for k, v in metadata.items() if k != CHECKSUMS_KEY}
+    return _crc(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def metadata_json(path: str | Path, meta: dict[str, str], key: str, kind: str = "file") -> Any:
+    """json.loads(meta[key]) of a safetensors file's metadata; a missing key or text that is not JSON raises one
+    ValueError naming the file and the key."""
+    if key not in meta:
+        raise ValueError(f"{kind} file {path}: metadata key {key!r} is missing (keys: {sorted(meta)})")
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{kind} file {path}: metadata key {key!r} is not valid JSON ({exc})") from None
+
+
+def check_format_version(path: str | Path, meta: dict[str, str], current: str, kind: str) -> int:
+    """The file's format version as an int (metadata key "version"); ValueError naming the file when it is missing
+    or not a number, or newer than `current` (written by a newer istr: upgrade to read it)."""
+    text = meta.get("version")
+    if text is None:
+        raise ValueError(f"{kind} file {path}: metadata key 'version' is missing (keys: {sorted(meta)})")
+    try:
+        version = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{kind} file {path}: metadata key 'version' is {text!r}, not a format version") from None
+    if version > int(current):
+        import istr
+
+        raise ValueError(f"{kind} file {path} has format version {version}, newer than this istr "
+                         f"({istr.__version__}) reads (up to {current}; written by istr "
+                         f"{meta.get('istr_version', '?')}): upgrade istr to load it")
+    if version < 1:
+        raise ValueError(f"{kind} file {path}: metadata key 'version' is {text!r}, not a format version")
+    return version
+
+
+def _verify_checksums(path: Path, kind: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """CorruptFileError naming the file and the first tensor / the metadata whose CRC-32 differs from the stored one."""
+    stored = metadata_json(path, meta, CHECKSUMS_KEY, kind)
+    if (not isinstance(stored, dict) or stored.get("algorithm") != "crc32"
+            or not isinstance(stored.get("tensors"), dict) or not isinstance(stored.get("metadata"), str)):
+        raise CorruptFileError(f"{kind} file {path}: metadata key {CHECKSUMS_KEY!r} is damaged (expected "
+                               "{'algorithm': 'crc32', 'metadata': ..., 'tensors': {...}})")
+    if stored["metadata"] != _metadata_crc(meta):
+        raise CorruptFileError(f"{kind} file {path} is corrupt: its metadata (config, categories, ...) does not "
+                               f"match the checksum stored when it was written; it was modified or damaged since")
+    names = stored["tensors"]
+    if set(names) != set(tensors):
+        missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+        raise CorruptFileError(f"{kind} file {path} is corrupt: its tensors differ from those written (missing "
+                               f"{missing[:5]}, not written {extra[:5]})")
+    for name, tensor in tensors.items():
+        if _tensor_crc(tensor) != names[name]:
+            raise CorruptFileError(f"{kind} file {path} is corrupt: the bytes of tensor {name!r} do not match the "
+                                   f"checksum stored when it was written (crc32 {names[name]} stored, "
+                                   f"{_tensor_crc(tensor)} read); the file was modified or damaged since")
+
+
+def read_safetensors(path: str | Path, kind: str, map_location: str | torch.device = "cpu",
+                     require_checksums: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; `kind` ("codec", "model") names the file in the errors.
 
+    Tensors are verified against the stored checksums (metadata "checksums", write_safetensors) when the file has
+    them, before they move to `map_location`; require_checksums: a file without them is refused.
     FileNotFoundError when there is no file, PermissionError when it cannot be read, IsADirectoryError for a
-    folder, ValueError naming the path when it is not a readable safetensors file.
+    folder, CorruptFileError (a ValueError) when a checksum differs, ValueError naming the path when it is not a
+    readable safetensors file or map_location names a device this machine lacks.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    device = check_device(map_location, "map_location")
     path = check_readable_file(path, f"{kind} file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta: dict[str, Any] = f.metadata() or {}
-        tensors = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path} is not a {kind} file (not a readable safetensors file: {exc})") from None
+    if CHECKSUMS_KEY in meta:
+        _verify_checksums(path, kind, meta, tensors)
+    elif require_checksums:
+        raise ValueError(f"{kind} file {path}: metadata key {CHECKSUMS_KEY!r} is missing (keys: {sorted(meta)}); "
+                         "files of this format version are written with checksums")
+    if device.type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return meta, tensors
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically with ordinary permissions (istr.fileio.atomic_save)."""
+    """Write a safetensors file atomically with ordinary permissions (istr.fileio.atomic_save), with the CRC-32 of
+    every tensor and of the metadata stored under metadata["checksums"] (read_safetensors verifies them)."""
     from safetensors.torch import save_file
 
+    if CHECKSUMS_KEY in metadata:
+        raise ValueError(f"metadata key {CHECKSUMS_KEY!r} is reserved for the checksums write_safetensors adds")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    checksums = {"algorithm": "crc32", "metadata": _metadata_crc(metadata),
+                 "tensors": {k: _tensor_crc(v) for k, v in tensors.items()}}
+    metadata = {**metadata, CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_torch_file(path: str | Path, kind: str = "file", map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(path, weights_only=True) of a torch.save file (e.g. a checkpoint's trainer_state.pt), with errors
+    that name the file: FileNotFoundError / PermissionError / IsADirectoryError as check_readable_file; a truncated
+    file, one whose bytes no longer match the CRC-32 torch's zip container stores for each record, or one torch
+    cannot read raises CorruptFileError (a ValueError) naming `kind` and the path."""
+    device = check_device(map_location, "map_location")
+    path = check_readable_file(path, kind)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and checks its CRC-32 (torch.load checks none)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise CorruptFileError(f"{kind} {path} is truncated or not a torch.save file ({exc}); it was not written "
+                               "completely or was damaged since") from None
+    except OSError as exc:
+        raise CorruptFileError(f"{kind} {path} cannot be read: {exc}") from None
+    if bad is not None:
+        raise CorruptFileError(f"{kind} {path} is corrupt: its record {bad!r} does not match the checksum stored "
+                               "when it was written; the file was modified or damaged since")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError, ... for bad files
+        raise CorruptFileError(f"{kind} {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -90,7 +224,8 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     tensors = model.state_dict()
     name = getattr(type(model), "architecture", None)
     if name is None or name not in ARCHITECTURES:
-        meta = {"format": STATE_DICT_FORMAT, "class": type(model).__qualname__, "istr_version": istr.__version__}
+        meta = {"format": STATE_DICT_FORMAT, "version": MODEL_FORMAT_VERSION, "class": type(model).__qualname__,
+                "istr_version": istr.__version__}
     else:
         meta = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "istr_version": istr.__version__,
                 "architecture": name, "config": json.dumps(model.config())}
@@ -148,6 +283,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
     meta, tensors = read_safetensors(path, "model", map_location)
     fmt = meta.get("format")
     if fmt == STATE_DICT_FORMAT:
+        version = check_format_version(path, meta, MODEL_FORMAT_VERSION, "model") if "version" in meta else 2
+        _check_metadata_keys(path, meta, _STATE_DICT_KEYS, ("class",), version)
         if model is None:
             raise ValueError(f"{path} holds the weights of a {meta.get('class')}, not of a registered istr "
                              f"architecture; load it into an instance: load_model(path, model=...)")
@@ -156,15 +293,29 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
         check_state_dict(model.state_dict(), tensors, path)
         model.load_state_dict(tensors)
         return model
-    if fmt != MODEL_FORMAT or "config" not in meta:
+    if fmt != MODEL_FORMAT:
         raise ValueError(f"{path} is a safetensors file but not an istr model (metadata keys: {sorted(meta)}); "
                          "codec files load with istr.load_codec")
-    config = json.loads(meta["config"])
+    version = check_format_version(path, meta, MODEL_FORMAT_VERSION, "model")
+    _check_metadata_keys(path, meta, _MODEL_KEYS, ("config",) + (("architecture",) if version >= 2 else ()), version)
+    config = metadata_json(path, meta, "config", "model")
+    if not isinstance(config, dict):
+        raise ValueError(f"model file {path}: metadata key 'config' must be a JSON object, got "
+                         f"{type(config).__name__}")
     name = meta.get("architecture", "istr")  # version 1 files hold ISTR models
-    categories = json.loads(meta["categories"]) if "categories" in meta else None
+    if name not in ARCHITECTURES:
+        raise ValueError(f"model file {path}: metadata key 'architecture' is {name!r}, which is not a registered "
+                         f"architecture (known: {', '.join(ARCHITECTURES.list()) or 'none'}); a model registered by "
+                         "user code loads after that code is imported")
+    categories = _file_categories(path, meta, config)
     fresh = model is None
     if model is None:
-        model = ARCHITECTURES.get(name).from_config(config)
+        try:
+            model = ARCHITECTURES.get(name).from_config(config)
+        except (KeyError, TypeError, ValueError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"model file {path}: metadata key 'config' does not build a {name!r} model "
+                             f"({type(exc).__name__}: {text})") from None
     else:
         if getattr(type(model), "architecture", None) != name:
             raise TypeError(f"{path} holds a {name!r} model but the model is a {type(model).__name__}")
@@ -176,6 +327,39 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
     if categories is not None:
         model.categories = categories
     return model.to(map_location).eval() if fresh else model
+
+
+def _check_metadata_keys(path: Path, meta: dict[str, str], allowed: set[str], required: tuple[str, ...],
+                         version: int) -> None:
+    """One ValueError naming the file and the missing required keys, or the keys this format does not have."""
+    missing = [k for k in required if k not in meta]
+    if version >= 3 and CHECKSUMS_KEY not in meta:
+        missing.append(CHECKSUMS_KEY)
+    if missing:
+        raise ValueError(f"model file {path}: metadata key{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} missing (keys: {sorted(meta)})")
+    extra = sorted(set(meta) - allowed)
+    if extra:
+        raise ValueError(f"model file {path}: unknown metadata key{'s' if len(extra) > 1 else ''} "
+                         f"{', '.join(map(repr, extra))} (a {meta.get('format')} file has {sorted(allowed)})")
+
+
+def _file_categories(path: Path, meta: dict[str, str], config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The file's category list ([{"id", "name"}] per label), checked against its config's num_classes."""
+    if "categories" not in meta:
+        return None
+    categories = metadata_json(path, meta, "categories", "model")
+    if categories is None:
+        return None
+    if not isinstance(categories, list) or not all(
+            isinstance(c, dict) and "id" in c and "name" in c for c in categories):
+        raise ValueError(f"model file {path}: metadata key 'categories' must be a list of {{'id', 'name'}} objects, "
+                         f"got {str(categories)[:100]}")
+    num_classes = config.get("num_classes")
+    if isinstance(num_classes, int) and len(categories) != num_classes:
+        raise ValueError(f"model file {path}: metadata key 'categories' lists {len(categories)} categories but the "
+                         f"model has num_classes={num_classes}")
+    return categories
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -279,7 +279,10 @@ def test_load_rejects_wrong_size_and_bad_files(fitted, tmp_path):
         istr.load_codec(plain)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+    meta = {**{k: v for k, v in meta.items() if k != "checksums"}, "version": "1"}  # as written before checksums
     tensors = load_file(str(path))
+    save_file(tensors, str(tmp_path / "legacy.safetensors"), metadata=meta)
+    assert torch.equal(istr.load_codec(tmp_path / "legacy.safetensors").components, fitted["pca"].components)
     bad_shape = dict(tensors, components=torch.zeros(10, 7))
     save_file(bad_shape, str(tmp_path / "bad_shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="'components' has shape"):
@@ -332,8 +335,10 @@ def test_bad_inputs_raise_clear_errors(fitted):
     for name in ("pca", "dct", "autoencoder"):
         with pytest.raises(ValueError, match="cannot exceed mask_size"):
             istr.create_codec(name, mask_size=4, dim=17)
-        with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(ValueError, match=r"mask_size must be >= 1, got 0 \(int\)"):
             istr.create_codec(name, mask_size=0, dim=1)
+        with pytest.raises(TypeError, match=r"dim must be an int.*got '4' \(str\)"):
+            istr.create_codec(name, mask_size=8, dim="4")
     with pytest.raises(ValueError, match="base_channels"):
         istr.create_codec("autoencoder", base_channels=0)
 

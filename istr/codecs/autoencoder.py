@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from istr.checks import check_bool, check_device, check_number
 from istr.codecs.base import MaskCodec, register_codec
 
 __all__ = ["AutoencoderCodec", "augment_grids", "dice_bce_loss"]
@@ -114,6 +115,11 @@ def augment_grids(grids: torch.Tensor, generator: torch.Generator, *, affine_pro
     map), so the result is again a grid "cropped by its own box". Random numbers come from `generator` (a CPU
     generator), so results are reproducible.
     """
+    check_number("affine_prob", affine_prob, min=0, max=1)
+    for name, value in (("max_rotation", max_rotation), ("max_log_aspect", max_log_aspect), ("max_shear", max_shear)):
+        check_number(name, value, min=0)
+    check_number("upsample", upsample, integer=True, min=1)
+    check_number("support_threshold", support_threshold, min=0, max=1, max_inclusive=False)
     n, m, _ = grids.shape
     dev = grids.device
 
@@ -156,6 +162,10 @@ def augment_grids(grids: torch.Tensor, generator: torch.Generator, *, affine_pro
     return torch.where(keep[:, None, None], out, warped)
 
 
+_AUGMENT_OPTIONS = frozenset({"affine_prob", "max_rotation", "max_log_aspect", "max_shear", "upsample",
+                               "support_threshold"})
+
+
 @register_codec("autoencoder")
 class AutoencoderCodec(MaskCodec):
     """Learned conv autoencoder codec. channels[i] = min(base_channels * 2**i, max_channels) per stage."""
@@ -165,13 +175,13 @@ class AutoencoderCodec(MaskCodec):
     def __init__(self, mask_size: int = 28, dim: int = 60, base_channels: int = 24, max_channels: int = 256,
                  bottleneck_size: int = 7, depth: int = 2, groups: int = 8, standardize: bool = True) -> None:
         super().__init__(mask_size, dim)
-        for name, value in (("base_channels", base_channels), ("max_channels", max_channels),
-                            ("bottleneck_size", bottleneck_size), ("depth", depth), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        base_channels, max_channels, bottleneck_size, depth, groups = (
+            check_number(name, value, integer=True, min=1)
+            for name, value in (("base_channels", base_channels), ("max_channels", max_channels),
+                                ("bottleneck_size", bottleneck_size), ("depth", depth), ("groups", groups)))
         self.base_channels, self.max_channels = base_channels, max_channels
         self.bottleneck_size, self.depth, self.groups = bottleneck_size, depth, groups
-        self.standardize = bool(standardize)
+        self.standardize = check_bool("standardize", standardize)
         sizes = [math.ceil(mask_size / 2)]  # grid sides of the conv stages, after space-to-depth
         while sizes[-1] > bottleneck_size:
             sizes.append(math.ceil(sizes[-1] / 2))
@@ -222,15 +232,37 @@ class AutoencoderCodec(MaskCodec):
         """
         from tqdm.auto import tqdm
 
-        if epochs < 1 or batch_size < 1 or lr <= 0:
-            raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+        epochs = check_number("epochs", epochs, integer=True, min=1)
+        batch_size = check_number("batch_size", batch_size, integer=True, min=1)
+        lr = check_number("lr", lr, min=0, min_inclusive=False)
+        weight_decay = check_number("weight_decay", weight_decay, min=0)
+        seed = check_number("seed", seed, integer=True, min=0)
+        dice_weight = check_number("dice_weight", dice_weight, min=0)
+        bce_weight = check_number("bce_weight", bce_weight, min=0)
+        if dice_weight == 0 and bce_weight == 0:
+            raise ValueError("dice_weight and bce_weight are both 0: the autoencoder would learn nothing")
+        progress, keep_best = check_bool("progress", progress), check_bool("keep_best", keep_best)
+        if isinstance(augment, dict):
+            unknown = sorted(set(augment) - _AUGMENT_OPTIONS)
+            if unknown:
+                raise ValueError(f"augment: unknown options {unknown}; augment_grids takes {sorted(_AUGMENT_OPTIONS)}")
+            augment_grids(torch.zeros(1, self.mask_size, self.mask_size), torch.Generator(), **augment)  # checks values
+        else:
+            augment = check_bool("augment", augment)
         home = self.embed_mean.device
-        device = torch.device(device) if device is not None else home
+        device = check_device(device, "device") if device is not None else home
         if isinstance(masks, torch.Tensor):
             masks = masks.to(home)  # validated on the codec's device, trained on `device`
-        data = torch.cat([c.to(device, torch.float32) for c in self.iter_chunks(masks)])
+        chunks = [c.to(device, torch.float32) for c in self.iter_chunks(masks)]
+        data = torch.cat(chunks) if chunks else torch.zeros(0, self.mask_size, self.mask_size, device=device)
         if data.shape[0] < 2:
             raise ValueError(f"the autoencoder needs at least 2 masks to fit, got {data.shape[0]}")
+        if not bool((data > 0).any()):
+            raise ValueError(f"all {data.shape[0]} masks given to fit the autoencoder are empty (every pixel 0): it "
+                             "would learn nothing and encode real masks far outside its range; check the crops")
+        if not bool((data != data[:1]).any()):
+            raise ValueError(f"all {data.shape[0]} masks given to fit the autoencoder are identical: its embeddings "
+                             "would have no variance to standardize; fit on varied masks")
         val = None
         if val_masks is not None:
             val = self.check_grids(val_masks.to(home) if isinstance(val_masks, torch.Tensor) else val_masks)

@@ -13,13 +13,15 @@ from typing import Any, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
+from istr.checks import check_number
 from istr.registry import Registry
 
 __all__ = ["CODECS", "MaskCodec", "NotFittedError", "register_codec", "create_codec", "load_codec", "list_codecs"]
 
 CODECS = Registry("codec")
 _FORMAT = "istr-codec"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"  # 2: checksums (istr.io.write_safetensors), required from 2 on
+_CODEC_KEYS = {"format", "version", "codec", "config", "checksums"}
 
 
 class NotFittedError(RuntimeError, ValueError):
@@ -47,10 +49,8 @@ class MaskCodec(nn.Module):
 
     def __init__(self, mask_size: int = 28, dim: int = 60) -> None:
         super().__init__()
-        if not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1:
-            raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        mask_size = check_number("mask_size", mask_size, integer=True, min=1)
+        dim = check_number("dim", dim, integer=True, min=1)
         if dim > mask_size * mask_size:
             raise ValueError(f"dim l={dim} cannot exceed mask_size**2 = {mask_size * mask_size} (M={mask_size})")
         self.mask_size = mask_size
@@ -99,10 +99,12 @@ class MaskCodec(nn.Module):
     def save(self, path: str | Path) -> None:
         """Write everything fit() learned plus the constructor arguments to one safetensors file.
 
-        The file appears atomically, readable as an ordinary new file is (0o666 & ~umask; see istr.fileio).
+        The file appears atomically, readable as an ordinary new file is (0o666 & ~umask; see istr.fileio), with
+        checksums that load_codec verifies. A codec that must be fit refuses to save before fit() (NotFittedError).
         """
         from istr.io import write_safetensors
 
+        self._check_fitted("save")
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "codec": self.codec_name,
                 "config": json.dumps(self.config())}
         write_safetensors(path, self.state_dict(), meta)
@@ -188,17 +190,35 @@ def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | Non
     FileNotFoundError for a missing file, PermissionError for one this user cannot read, ValueError for a file that
     is not an istr codec.
     """
-    from istr.io import read_safetensors
+    from istr.io import check_format_version, metadata_json, read_safetensors
 
     path = Path(path)
     meta, tensors = read_safetensors(path, "codec", map_location)
-    if meta.get("format") != _FORMAT or "codec" not in meta or "config" not in meta:
+    if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not an istr codec (metadata: {sorted(meta)})")
-    config = json.loads(meta["config"])
+    version = check_format_version(path, meta, _FORMAT_VERSION, "codec")
+    missing = [k for k in ("codec", "config") + (("checksums",) if version >= 2 else ()) if k not in meta]
+    if missing:
+        raise ValueError(f"codec file {path}: metadata key{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} missing (keys: {sorted(meta)})")
+    extra = sorted(set(meta) - _CODEC_KEYS)
+    if extra:
+        raise ValueError(f"codec file {path}: unknown metadata key{'s' if len(extra) > 1 else ''} "
+                         f"{', '.join(map(repr, extra))} (a codec file has {sorted(_CODEC_KEYS)})")
+    config = metadata_json(path, meta, "config", "codec")
+    if not isinstance(config, dict):
+        raise ValueError(f"codec file {path}: metadata key 'config' must be a JSON object, got {type(config).__name__}")
+    if meta["codec"] not in CODECS:
+        raise ValueError(f"codec file {path}: metadata key 'codec' is {meta['codec']!r}, not a registered codec "
+                         f"(known: {', '.join(list_codecs())})")
     for key, want in (("mask_size", mask_size), ("dim", dim)):
         if want is not None and config.get(key) != want:
             raise ValueError(f"{path} holds a {meta['codec']} codec with {key}={config.get(key)}, expected {key}={want}")
-    codec = create_codec(meta["codec"], **config)
+    try:
+        codec = create_codec(meta["codec"], **config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"codec file {path}: metadata key 'config' does not build a {meta['codec']!r} codec "
+                         f"({exc})") from None
     expected = codec.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -208,4 +228,6 @@ def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | Non
         if v.shape != expected[k].shape:
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the codec expects {tuple(expected[k].shape)}")
     codec.load_state_dict(tensors)
+    if not codec.is_fitted:
+        raise ValueError(f"codec file {path} holds a {meta['codec']} codec that was never fit")
     return codec.to(map_location)

@@ -7,11 +7,12 @@ M^4 numbers, whatever the number of masks. Options:
 - logit_space: MEInst's soft inverse-sigmoid preprocessing, done deterministically: x -> eps + (1-2 eps) x,
   then logit; decode applies the sigmoid. The original draws eps at random per pixel on every call
   (mean about 0.026); a fixed eps makes encodings reproducible.
-Degenerate fits: N masks give at most N-1 components with any variance. With whiten=True, fewer masks than `dim`
-is a ValueError. Otherwise, and whenever components have variance below MIN_VARIANCE_RATIO of the largest (or of a
-0/1 coin-flip pixel's variance, when the masks barely vary at all), a warning names how many, and their explained
-variance is floored there, so whitened encodings of unseen masks stay bounded (a healthy fit's variances lie far
-above the floor and are unchanged). Unwhitened encodings are projections, bounded in any case.
+Degenerate fits: N masks give at most N-1 components with any variance, so fewer masks than `dim` is a ValueError
+(whitened or not: the missing components would be arbitrary directions of the null space), and so are masks that
+are all (nearly) identical (no component has variance). When some components have variance below
+MIN_VARIANCE_RATIO of the largest (the masks span fewer than `dim` directions), a warning names how many, and their
+explained variance is floored there, so whitened encodings of unseen masks stay bounded (a healthy fit's variances
+lie far above the floor and are unchanged). Unwhitened encodings are projections, bounded in any case.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from istr.checks import check_bool, check_number
 from istr.codecs.base import MaskCodec, register_codec
 
 
@@ -36,9 +38,9 @@ class PCACodec(MaskCodec):
     def __init__(self, mask_size: int = 28, dim: int = 60, whiten: bool = False,
                  logit_space: bool = False, logit_eps: float = 0.025) -> None:
         super().__init__(mask_size, dim)
-        if not 0.0 < logit_eps < 0.5:
-            raise ValueError(f"logit_eps must be in (0, 0.5), got {logit_eps}")
-        self.whiten, self.logit_space, self.logit_eps = bool(whiten), bool(logit_space), float(logit_eps)
+        logit_eps = check_number("logit_eps", logit_eps, min=0.0, max=0.5, min_inclusive=False, max_inclusive=False)
+        self.whiten, self.logit_space = check_bool("whiten", whiten), check_bool("logit_space", logit_space)
+        self.logit_eps = float(logit_eps)
         p = mask_size * mask_size
         self.register_buffer("mean", torch.zeros(p))
         self.register_buffer("components", torch.zeros(dim, p))  # [l, M*M], orthonormal rows
@@ -54,6 +56,7 @@ class PCACodec(MaskCodec):
         return x
 
     def _fit(self, masks: torch.Tensor | Iterable[torch.Tensor], chunk_size: int = 4096) -> None:
+        chunk_size = check_number("chunk_size", chunk_size, integer=True, min=1)
         p = self.mask_size ** 2
         n, total, second = 0, torch.zeros(p, dtype=torch.float64), torch.zeros(p, p, dtype=torch.float64)
         for chunk in self.iter_chunks(masks, chunk_size):
@@ -63,9 +66,10 @@ class PCACodec(MaskCodec):
             second += x.T @ x
         if n < 2:
             raise ValueError(f"PCA needs at least 2 masks to fit, got {n}")
-        if n < self.dim and self.whiten:
-            raise ValueError(f"whitened PCA with dim l={self.dim} needs at least {self.dim} masks to fit (N masks give "
-                             f"at most N-1 components with any variance to whiten), got {n} masks; fit on more masks "
+        if n < self.dim:
+            what = "whitened PCA" if self.whiten else "PCA"
+            raise ValueError(f"{what} with dim l={self.dim} needs at least {self.dim} masks to fit (N masks give "
+                             f"at most N-1 components with any variance), got {n} masks; fit on more masks "
                              "or lower dim")
         mean = total / n
         cov = (second - n * torch.outer(mean, mean)) / (n - 1)
@@ -87,9 +91,11 @@ class PCACodec(MaskCodec):
         coin = math.log((1 - self.logit_eps) / self.logit_eps) ** 2 if self.logit_space else 0.25
         floor = MIN_VARIANCE_RATIO * max(float(evals[0]), coin)
         small = int((evals < floor).sum())
+        if small == self.dim:
+            raise ValueError(f"PCA fit on {n} masks: the masks are (nearly) identical, so no component has variance "
+                             f"(all {self.dim} below {floor:.3g}); fit on varied masks")
         if small:
-            what = ("the masks are (nearly) identical" if small == self.dim else
-                    f"the masks span fewer than {self.dim} directions")
+            what = f"the masks span fewer than {self.dim} directions"
             warnings.warn(f"PCA fit on {n} masks: {small} of {self.dim} components have near-zero variance "
                           f"(below {floor:.3g}, {MIN_VARIANCE_RATIO:g} of the largest; {what}); their variance is "
                           "floored there so whitened encodings stay bounded. Fit on more varied masks or lower dim.",
