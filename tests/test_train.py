@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from istr.engine.checkpoint import CheckpointMismatchError, latest_checkpoint, list_checkpoints
+from istr.engine.config import LIBRARY_DEFAULTS, resolve_config
 from istr.engine.train import NonFiniteLossError, TrainConfig, Trainer, train, warmup_multistep_factor
 from train_utils import datasets, make_data, tiny_model
 
@@ -164,7 +165,9 @@ def test_lr_schedule_is_linear_warmup_then_steps():
 
 
 def test_paper_defaults_and_optimizer_groups(data):
-    cfg = TrainConfig()
+    assert all(getattr(TrainConfig(), name) is None for name in LIBRARY_DEFAULTS)  # "the model's recipe, else ..."
+    cfg, sources = resolve_config(TrainConfig(), {})  # ... the library defaults: the paper's recipe
+    assert set(sources.values()) == {"default"}
     assert (cfg.lr, cfg.weight_decay, cfg.betas, cfg.clip_grad_norm) == (2.5e-5, 1e-4, (0.9, 0.999), 1.0)
     assert (cfg.warmup_iters, cfg.warmup_factor, cfg.milestones, cfg.max_iters) == (1000, 0.01, (210_000, 250_000), 270_000)
     paths, train_set, _ = data

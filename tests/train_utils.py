@@ -64,7 +64,7 @@ def grads_after_one_step(data_root: str, out_file: str, batch_size: int) -> None
     # frozen BN and one input size: the only differences left between 1 x 2B and 2 x B are the reductions
     model = tiny_model(paths["train_annotations"], frozen_bn=True, train_min_sizes=None)
     cfg = TrainConfig(lr=1e-3, batch_size=batch_size, max_iters=1, warmup_iters=0, checkpoint_every=0,
-                      clip_grad_norm=None, progress=False, device="cpu", seed=3)
+                      clip_grad_norm=0, progress=False, device="cpu", seed=3)
     trainer = Trainer(model, train, cfg, out_dir=str(Path(out_file).parent / f"run_{Path(out_file).stem}"))
     losses = trainer.train_step()
     if trainer.is_main:

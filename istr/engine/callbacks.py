@@ -1,15 +1,19 @@
 """Trainer callbacks: the time budget, periodic evaluation and checkpoints, and a step timer, as public hooks.
 
-A callback overrides any of on_train_start(trainer), on_step_end(trainer, losses) and on_train_end(trainer).
+A callback overrides any of on_train_start(trainer), on_step_end(trainer, losses), on_train_end(trainer) and
+on_exception(trainer, exc) (an exception is ending the run; it is re-raised after every callback saw it).
 It may read the trainer's public state (iteration, epoch, cfg, module, out_dir, elapsed, last_step_seconds,
 is_main) and call trainer.stop(reason), trainer.evaluate(), trainer.save_checkpoint() and trainer.log(record).
-TrainConfig's max_minutes, checkpoint_every and eval_every install the built-in ones below.
+TrainConfig's max_minutes, checkpoint_every and eval_every install the built-in ones below; the run's own
+machinery (log writer, progress bar, signals, end of run, checkpoint on error) is in istr.engine.hooks.
 """
 from __future__ import annotations
 
 import logging
 import statistics
 from typing import Any
+
+from istr.checks import check_number
 
 __all__ = ["Callback", "TimeBudget", "PeriodicCheckpoint", "PeriodicEvaluation", "StepTimer", "ScheduleToBudget"]
 
@@ -28,14 +32,15 @@ class Callback:
     def on_train_end(self, trainer: Any) -> None:
         pass
 
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        pass
+
 
 class TimeBudget(Callback):
     """Stop when the next step would end past `minutes` of training time (time of resumed runs included)."""
 
     def __init__(self, minutes: float) -> None:
-        if minutes <= 0:
-            raise ValueError(f"minutes must be > 0, got {minutes}")
-        self.seconds = 60.0 * minutes
+        self.seconds = 60.0 * check_number("minutes", minutes, min=0, min_inclusive=False)
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         if trainer.elapsed + 0.5 * trainer.last_step_seconds >= self.seconds:

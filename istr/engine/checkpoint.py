@@ -22,7 +22,7 @@ from istr.io import LAST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_c
 
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-    "prune_checkpoints", "capture_rng_state", "restore_rng_state",
+    "prune_checkpoints", "capture_rng_state", "restore_rng_state", "checkpoint_bytes",
 ]
 
 _FORMAT = "istr-train-state"
@@ -81,20 +81,46 @@ def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{int(trainer_state['iteration']):07d}"
     final, tmp = root / name, root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, tmp / MODEL_FILE)
-    torch.save({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    last_tmp = root / f".{LAST_FILE}.tmp"
-    last_tmp.write_text(name + "\n")
-    os.replace(last_tmp, root / LAST_FILE)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, tmp / MODEL_FILE)
+        torch.save({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        last_tmp = root / f".{LAST_FILE}.tmp"
+        try:
+            last_tmp.write_text(name + "\n")
+            os.replace(last_tmp, root / LAST_FILE)
+        finally:
+            last_tmp.unlink(missing_ok=True)
+    except BaseException as exc:  # a full disk, a quota, Ctrl-C: no partial checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        from istr.engine.rundir import write_error
+
+        failure = write_error(final, checkpoint_bytes(model, trainer_state), exc)
+        if failure is None:
+            raise
+        raise failure from exc
     if keep:
         prune_checkpoints(root, keep)
     return final
+
+
+def checkpoint_bytes(model: nn.Module, trainer_state: dict[str, Any]) -> int:
+    """About how many bytes a checkpoint of `model` and `trainer_state` takes (its tensors' sizes)."""
+    def size(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(size(v) for v in x)
+        return 0
+
+    return size(model.state_dict()) + size(trainer_state)
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
