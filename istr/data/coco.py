@@ -17,10 +17,25 @@ from torch.utils.data import Dataset
 from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
-__all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "load_coco_json", "read_coco_annotations",
-           "describe_stats"]
+__all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "image_tensor", "load_coco_json",
+           "read_coco_annotations", "describe_stats", "MAX_IMAGE_PIXELS"]
 
 logger = logging.getLogger(__name__)
+
+# Images are untrusted input: a file whose header claims more pixels than this (width * height) is refused before it
+# is decoded (a 100,000 x 100,000 PNG is a few KB on disk and 120 GB as a float tensor). 89,478,485 is PIL's own
+# warning threshold (about 9,459 x 9,459; 1 GB as a float [3, H, W]). Set istr.data.coco.MAX_IMAGE_PIXELS to a larger
+# value for large trusted images (PIL refuses images over twice its own PIL.Image.MAX_IMAGE_PIXELS: raise that too),
+# or to None to turn the check off.
+MAX_IMAGE_PIXELS: int | None = 89_478_485
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+    limit = MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ValueError(f"image {name} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                         f"{limit:,} pixels for untrusted images (istr.data.coco.MAX_IMAGE_PIXELS: raise it for large "
+                         "trusted images)")
 
 Target = dict[str, Any]
 Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
@@ -29,9 +44,13 @@ Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as RGB float [3, H, W] in [0, 1] (PIL; modes converted as pil_to_tensor does).
 
-    Raises FileNotFoundError for a missing file and ValueError (naming the file) for an empty or undecodable one.
-    PIL rather than torchvision.io: torchvision's image decoders are deprecated since 0.29.
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) for an empty or undecodable one,
+    or one whose header claims more than MAX_IMAGE_PIXELS pixels (checked before decoding; one line naming the
+    file, its size and the limit). PIL rather than torchvision.io: torchvision's image decoders are deprecated
+    since 0.29.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -40,11 +59,24 @@ def load_image(path: str | Path) -> torch.Tensor:
     if path.stat().st_size == 0:
         raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as pil:
-            pil.load()
-            mode, array = _pil_array(pil)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked here instead
+            with Image.open(path) as pil:
+                _check_pixels(*pil.size, f"file {path}")
+                pil.load()
+                mode, array = _pil_array(pil)
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused inside Image.open
+        limit = MAX_IMAGE_PIXELS if MAX_IMAGE_PIXELS is not None else Image.MAX_IMAGE_PIXELS
+        raise ValueError(f"image file {path} is refused: {e}; the limit for untrusted images is {limit:,} pixels "
+                         "(istr.data.coco.MAX_IMAGE_PIXELS and PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"cannot decode image file {path}: {e}") from e
+    except ValueError as e:
+        if str(e).startswith("image file "):
+            raise
+        raise ValueError(f"cannot decode image file {path}: {e}") from e
+    except MemoryError:
+        raise MemoryError(f"not enough memory to decode image file {path}") from None
     return _array_to_tensor(array, mode, str(path))
 
 
@@ -60,8 +92,33 @@ def pil_to_tensor(image: Any) -> torch.Tensor:
 
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    _check_pixels(*image.size, "(PIL image)")
     mode, array = _pil_array(image)
     return _array_to_tensor(array, mode, "PIL image")
+
+
+def image_tensor(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """An image tensor [C, H, W] (C = 1 or 3) as float32 RGB [3, H, W] in [0, 1], scaled by its dtype's range:
+    uint8 / 255, uint16 / 65535 (16-bit images), bool as 0/1; floating point is taken as is (and must already
+    lie in [0, 1]). Other integer dtypes (int16/int32/int64: no fixed pixel range) raise TypeError saying how
+    to convert. `name` names the image in the errors."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [3, H, W], got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"{name} must be a tensor [3, H, W] (or [1, H, W]), got shape {tuple(image.shape)}")
+    _check_pixels(image.shape[2], image.shape[1], name)
+    if image.dtype == torch.uint8:
+        out = image.float() / 255.0
+    elif image.dtype == getattr(torch, "uint16", None):
+        out = image.float() / 65535.0
+    elif image.dtype == torch.bool:
+        out = image.float()
+    elif image.is_floating_point():
+        out = image.float()
+    else:
+        raise TypeError(f"{name} has dtype {image.dtype}, whose pixel range istr cannot know: give uint8 (0..255), "
+                        "uint16 (0..65535) or a float tensor in [0, 1] (e.g. image.float() / image_max)")
+    return out.expand(3, -1, -1) if out.shape[0] == 1 else out
 
 
 def _pil_array(pil: Any) -> tuple[str, np.ndarray]:
