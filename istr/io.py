@@ -308,6 +308,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
                          f"architecture (known: {', '.join(ARCHITECTURES.list()) or 'none'}); a model registered by "
                          "user code loads after that code is imported")
     categories = _file_categories(path, meta, config)
+    upgrade = getattr(ARCHITECTURES.get(name), "upgrade_config", None)
+    config = upgrade(config) if callable(upgrade) else config  # a file of an older version in today's terms
     fresh = model is None
     if model is None:
         try:

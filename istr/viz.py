@@ -1,16 +1,19 @@
-"""Visualisation: draw instance masks, boxes and "class score" labels on an image; save images."""
+"""Visualisation: draw instance masks, boxes and "class score" labels on an image; save images; ground-truth vs
+prediction panels; training loss curves."""
 from __future__ import annotations
 
 import colorsys
 import inspect
+import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-__all__ = ["draw_instances", "save_image", "class_color"]
+__all__ = ["draw_instances", "save_image", "class_color", "save_overlays", "plot_loss_curve"]
 
 # torchvision >= 0.20 can put label text on a filled background (readable over tinted masks)
 _LABEL_KW = {"fill_labels": True} if "fill_labels" in inspect.signature(draw_bounding_boxes).parameters else {}
@@ -123,3 +126,90 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
         raise ValueError(f"cannot tell the image format of {path} from its suffix {path.suffix!r}; use .png or .jpg")
     pil = Image.fromarray(_to_uint8(image).permute(1, 2, 0).numpy())
     return atomic_save(path, lambda tmp: pil.save(tmp, format=fmt))
+
+
+def plot_loss_curve(log_file: str | Path, out_png: str | Path, smooth: int = 10) -> Path:
+    """Plot total loss and the last stage's loss terms (moving average) with the lr, from a log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(l) for l in Path(log_file).read_text().splitlines() if l.strip()]
+    records = [r for r in records if "event" not in r]
+    if not records:
+        raise ValueError(f"{log_file} has no iteration records to plot")
+    iters = [r["iter"] for r in records]
+
+    def avg(values: list[float]) -> list[float]:
+        out, acc = [], 0.0
+        for i, v in enumerate(values):
+            acc += v
+            if i >= smooth:
+                acc -= values[i - smooth]
+            out.append(acc / min(i + 1, smooth))
+        return out
+
+    last = max((int(k.rsplit("_s", 1)[1]) for k in records[-1] if "_s" in k and k.rsplit("_s", 1)[1].isdigit()),
+               default=None)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    ax0.plot(iters, [r["loss"] for r in records], alpha=0.25, color="C0")
+    ax0.plot(iters, avg([r["loss"] for r in records]), color="C0", label=f"total (mean of {smooth})")
+    ax0.set(xlabel="iteration", ylabel="loss (sum over stages and terms)", yscale="log", title="training loss")
+    lr_ax = ax0.twinx()
+    lr_ax.plot(iters, [r["lr"] for r in records], color="C3", lw=1, ls="--")
+    lr_ax.set_ylabel("learning rate", color="C3")
+    ax0.legend(loc="upper right")
+    if last is not None:
+        # denoising terms (ISTR(denoising_groups=G)) dashed, in the colour of the matched term
+        for j, key in enumerate(sorted(k for k in records[-1] if k.endswith(f"_s{last}") and "_dn_s" not in k)):
+            for name, style in ((key, "-"), (key.replace(f"_s{last}", f"_dn_s{last}"), "--")):
+                if name in records[-1]:
+                    ax1.plot(iters, avg([r.get(name, float("nan")) for r in records]), style, label=name, color=f"C{j}")
+        ax1.set(xlabel="iteration", ylabel="weighted loss", yscale="log", title=f"last stage (s{last}) terms")
+        ax1.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _upscale(image: torch.Tensor, target: dict[str, Any], factor: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Nearest-neighbour upscaling of an image and its boxes/masks, so small demo images get readable labels."""
+    if factor == 1:
+        return image, target
+    target = dict(target)
+    target["boxes"] = target["boxes"] * factor
+    if target.get("masks") is not None and len(target["masks"]):
+        masks = target["masks"].float()
+        squeeze = masks.ndim == 3
+        masks = masks[:, None] if squeeze else masks
+        masks = F.interpolate(masks, scale_factor=factor, mode="nearest")
+        target["masks"] = masks[:, 0] if squeeze else masks
+    elif target.get("masks") is not None:
+        h, w = target["masks"].shape[-2:]
+        target["masks"] = target["masks"].new_zeros((*target["masks"].shape[:-2], h * factor, w * factor))
+    return F.interpolate(image[None], scale_factor=factor, mode="nearest")[0], target
+
+
+def save_overlays(model, dataset, out_dir: str | Path, count: int, score_threshold: float, min_side: int = 384) -> list[str]:
+    """Ground truth beside prediction for the first `count` images of a dataset, one PNG each (upscaled to at least
+    `min_side` px so the labels are readable) -> the paths written."""
+    from istr.engine.predict import predict
+
+    out_dir = Path(out_dir)
+
+    paths = []
+    for i in range(min(count, len(dataset))):
+        image, target = dataset[i]
+        result = predict(model, image)
+        factor = max(1, min_side // min(image.shape[-2:]))
+        big, target = _upscale(image, target, factor)
+        _, result = _upscale(image, result, factor)
+        gt = draw_instances(big, target, class_names=dataset.category_names)
+        pred = draw_instances(big, result, class_names=dataset.category_names, score_threshold=score_threshold)
+        gap = torch.full((3, big.shape[1], 8), 255, dtype=torch.uint8)
+        path = save_image(torch.cat([gt, gap, pred], dim=2), out_dir / f"val_{target['image_id']:06d}.png")
+        paths.append(str(path))
+    return paths

@@ -151,7 +151,7 @@ def test_train_eval_predict_an_isda_model_by_name(tmp_path, capsys):
     data = make_data(tmp_path / "data")
     run = tmp_path / "isda"
     args = ["num_queries=6", "num_encoder_layers=1", "num_decoder_layers=2", "hidden_dim=32", "num_heads=4",
-            "ffn_dim=64", "mask_feat_dim=16", "mask_dim=32", "num_groups=8", "min_size=64", "max_size=64",
+            "ffn_dim=64", "mask_feat_dim=16", "kernel_dim=32", "num_groups=8", "min_size=64", "max_size=64",
             "train_min_sizes=null", "detections_per_image=10"]
     assert main(["train", "--model", "isda_tiny", "--synthetic", data["root"], "--model-arg", *args, "--batch-size",
                  "2", "--max-iters", "2", "--checkpoint-every", "2", "--out", str(run), "--no-progress"]) == 0

@@ -205,7 +205,7 @@ def test_batch_composition_does_not_change_detections(family):
     else:
         model = istr.create_model("isda_tiny", num_classes=3, num_queries=8, num_encoder_layers=1,
                                   num_decoder_layers=1, hidden_dim=32, num_heads=4, ffn_dim=64, mask_feat_dim=16,
-                                  mask_dim=32, num_groups=8, detections_per_image=10, min_size=64, max_size=160)
+                                  kernel_dim=32, num_groups=8, detections_per_image=10, min_size=64, max_size=160)
     model.eval()
     g = torch.Generator().manual_seed(0)
     sizes = [(60, 80), (100, 50), (64, 64), (90, 120), (40, 70), (75, 75), (50, 100), (64, 150)]

@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from istr.checks import check_bool, check_device, check_number
-from istr.codecs.base import MaskCodec, register_codec
+from istr.codecs.base import MaskCodec, mask_iou, register_codec
 
 __all__ = ["AutoencoderCodec", "augment_grids", "dice_bce_loss"]
 
@@ -329,6 +329,4 @@ class AutoencoderCodec(MaskCodec):
         self.eval()
         recon = torch.cat([torch.sigmoid(self.decoder(self.encoder(grids[i : i + 1024])))
                            for i in range(0, grids.shape[0], 1024)])
-        a, b = recon >= 0.5, grids >= 0.5
-        inter, union = (a & b).flatten(1).sum(1), (a | b).flatten(1).sum(1)
-        return float((inter / union.clamp_min(1)).mean())
+        return float(mask_iou(recon, grids).mean())

@@ -16,7 +16,7 @@ from torch import nn
 from istr.checks import check_number
 from istr.registry import Registry
 
-__all__ = ["CODECS", "MaskCodec", "NotFittedError", "register_codec", "create_codec", "load_codec", "list_codecs"]
+__all__ = ["CODECS", "MaskCodec", "NotFittedError", "register_codec", "create_codec", "load_codec", "list_codecs", "mask_iou"]
 
 CODECS = Registry("codec")
 _FORMAT = "istr-codec"
@@ -96,6 +96,13 @@ class MaskCodec(nn.Module):
         """Reconstruction: decode(encode(grids))."""
         return self.decode(self.encode(grids))
 
+    @torch.no_grad()
+    def reconstruction_iou(self, grids: torch.Tensor, chunk_size: int = 4096) -> float:
+        """Mean IoU between decode(encode(grids)) and the grids, both binarised at 0.5 (the ceiling this codec
+        puts on mask quality), in chunks of `chunk_size` grids."""
+        ious = [mask_iou(self.decode(self.encode(c)), c) for c in self.check_grids(grids).split(chunk_size)]
+        return float(torch.cat(ious).mean())
+
     def save(self, path: str | Path) -> None:
         """Write everything fit() learned plus the constructor arguments to one safetensors file.
 
@@ -172,6 +179,13 @@ class MaskCodec(nn.Module):
     def _check_fitted(self, what: str) -> None:
         if not self.is_fitted:
             raise NotFittedError(f"{type(self).__name__} must be fit (codec.fit(grids)) or loaded (istr.load_codec) before {what}()")
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """IoU per mask of [N, ...] soft masks binarised at `threshold` -> [N] (an empty union counts as IoU 0)."""
+    a, b = pred >= threshold, target >= threshold
+    inter, union = (a & b).flatten(1).sum(1), (a | b).flatten(1).sum(1)
+    return inter / union.clamp_min(1)
 
 
 def create_codec(name: str, **kwargs: Any) -> MaskCodec:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from istr.losses.terms import LOSSES
-from istr.matching.costs import as_context
+from istr.matching.costs import as_context, with_target_embeds
 from istr.matching.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "DEFAULT_LOSSES", "count_boxes", "criterion_config", "criterion_from_config"]
@@ -77,7 +77,7 @@ class SetCriterion(nn.Module):
         """
         context = as_context(context)
         self._check_inputs(stage_outputs, targets)
-        targets = self._with_embeds(targets, context.get("codec"))
+        targets = with_target_embeds(targets, context.get("codec"))
         device = stage_outputs[0]["logits"].device
         num_boxes = count_boxes(targets, device)
         logs: dict[str, torch.Tensor] = {}
@@ -99,16 +99,6 @@ class SetCriterion(nn.Module):
         for name, weight in self.losses.items():
             if weight != 0:
                 logs[f"{name}{suffix}"] = weight * LOSSES.get(name)(outputs, targets, indices, context, num_boxes)
-
-    @torch.no_grad()
-    def _with_embeds(self, targets, codec) -> list[dict]:
-        """Shallow copies of the targets with "mask_embeds" = codec.encode(mask_grids), one encode for the batch,
-        when a codec is given and the targets carry grids without embeddings; else the targets as they are."""
-        if codec is None or all("mask_embeds" in t for t in targets) or not all("mask_grids" in t for t in targets):
-            return [dict(t) for t in targets]
-        embeds = codec.encode(torch.cat([t["mask_grids"] for t in targets]))
-        embeds = embeds.split([len(t["mask_grids"]) for t in targets])
-        return [{**t, "mask_embeds": e} for t, e in zip(targets, embeds)]
 
     def _reads(self) -> tuple[set[str], set[str]]:
         """The output and target keys the active loss and cost terms need."""

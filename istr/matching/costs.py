@@ -37,7 +37,7 @@ from istr.codecs.base import MaskCodec
 from istr.registry import Registry
 
 __all__ = ["COSTS", "register_cost", "focal_cost", "l1_cost", "giou_cost", "cosine_cost", "embed_l1_cost",
-           "dice_cost", "mask_iou_cost", "box_scale", "target_embeds", "as_context", "context_codec"]
+           "dice_cost", "mask_iou_cost", "box_scale", "target_embeds", "with_target_embeds", "as_context", "context_codec"]
 
 COSTS = Registry("cost term")
 
@@ -83,12 +83,25 @@ def box_scale(image_size: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def target_embeds(tgt: dict, context: Mapping[str, Any]) -> torch.Tensor:
-    """The target's mask embeddings [..., T, l]: tgt["mask_embeds"] if present, else codec.encode(mask_grids)."""
+    """The target's mask embeddings [..., T, l]: tgt["mask_embeds"] (with_target_embeds adds them in training),
+    else codec.encode(mask_grids) for a matcher called on raw targets."""
     if "mask_embeds" in tgt:
         return tgt["mask_embeds"].float()
     codec = context_codec(context, "mask embedding cost")
     grids = tgt["mask_grids"]
     return codec.encode(grids.flatten(0, -3)).unflatten(0, grids.shape[:-2]).float()
+
+
+@torch.no_grad()
+def with_target_embeds(targets: list[dict], codec: MaskCodec | None) -> list[dict]:
+    """Shallow copies of the targets with "mask_embeds" = codec.encode(mask_grids), one encode for the batch, when
+    a codec is given and the targets carry grids without embeddings; else shallow copies as they are. The one place
+    where target embeddings are computed for training (SetCriterion calls it once per forward)."""
+    if codec is None or all("mask_embeds" in t for t in targets) or not all("mask_grids" in t for t in targets):
+        return [dict(t) for t in targets]
+    embeds = codec.encode(torch.cat([t["mask_grids"] for t in targets]))
+    embeds = embeds.split([len(t["mask_grids"]) for t in targets])
+    return [{**t, "mask_embeds": e} for t, e in zip(targets, embeds)]
 
 
 def _transpose(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Image transform, both ways: validate, resize, normalise, pad and batch the inputs; map predictions back to the
-original images (box scaling and clipping, mask paste-back or resize)."""
+"""Image transform: validate, resize, normalise, pad and batch the inputs; scale boxes back (what every family
+shares; each family maps its own detections to results at the original size: istr/results.py, isda/results.py)."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import masks_to_boxes
 
 from istr.errors import NonFiniteError
-from istr.ops.masks import paste_masks
 
 __all__ = ["ImageTransform", "IMAGENET_MEAN", "IMAGENET_STD", "check_images"]
 
@@ -117,61 +115,3 @@ class ImageTransform(nn.Module):
         """Rescale [N, 4] absolute xyxy boxes from an image of size (h, w) `from_size` to `to_size`."""
         sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
         return boxes * boxes.new_tensor([sx, sy, sx, sy])
-
-    def postprocess(self, detections: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]],
-                    original_sizes: list[tuple[int, int]], mask_threshold: float | None = None,
-                    mask_stride: int = 4) -> list[dict]:
-        """Per-image detections on the resized input -> results at each original image size.
-
-        detections[i]: {"labels" [N], "scores" [N]} and one of
-        - "boxes" [N, 4] xyxy on the resized input + "mask_grids" [N, M, M] in [0, 1] relative to each box (ISTR):
-          boxes are rescaled and clipped to the image, those empty after clipping dropped (detectron2), and the
-          grids pasted into the clipped boxes;
-        - "mask_maps" [N, h, w] in [0, 1] covering the padded batch at stride `mask_stride` (ISDA): upsampled
-          (bilinear), cropped to the resized image, resized to the original size; boxes are the tight boxes of
-          the masks binarised at mask_threshold (0.5 when None); masks empty at the original size are dropped.
-        Returns [{"boxes" [N, 4], "labels" [N], "scores" [N], "masks" [N, 1, H, W]}]; masks are binary (float 0/1)
-        when mask_threshold is given, else probabilities.
-        """
-        results = []
-        for det, size, (h, w) in zip(detections, sizes, original_sizes):
-            labels, scores = det["labels"], det["scores"]
-            if "mask_grids" in det:
-                boxes = self.scale_boxes(det["boxes"], size, (h, w))
-                boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
-                                     boxes[:, 3].clamp(0, h)], 1)
-                keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-                boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
-                masks = paste_masks(det["mask_grids"][keep], boxes, (h, w))
-            else:
-                maps = det["mask_maps"]
-                masks = maps.new_zeros((maps.shape[0], h, w))
-                if maps.shape[0]:
-                    up = F.interpolate(maps[:, None].float(), scale_factor=mask_stride, mode="bilinear",
-                                       align_corners=False)
-                    up = up[:, :, : size[0], : size[1]]
-                    masks = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-                binary = masks >= (0.5 if mask_threshold is None else mask_threshold)
-                keep = binary.flatten(1).any(1)
-                masks, binary, labels, scores = masks[keep], binary[keep], labels[keep], scores[keep]
-                boxes = masks_to_boxes(binary).to(masks.dtype) if len(masks) else masks.new_zeros((0, 4))
-                boxes[:, 2:] += 1  # masks_to_boxes gives the last pixel's index; boxes end after it
-            if mask_threshold is not None:
-                masks = (masks >= mask_threshold).float()
-            results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks[:, None]})
-        return results
-
-
-def grouped(infer, images: list[torch.Tensor], groups: list[list[int]], all_stages: bool) -> Any:
-    """Run `infer(images of one group, all_stages)` per group and put the results back in input order
-    (a list of per-image results, or with all_stages a list over stages of such lists)."""
-    if len(groups) == 1:
-        return infer(images, all_stages)
-    parts = [(group, infer([images[i] for i in group], all_stages)) for group in groups]
-    num_stages = len(parts[0][1]) if all_stages else 1
-    merged: list[list[Any]] = [[None] * len(images) for _ in range(num_stages)]
-    for group, out in parts:
-        for stage, results in enumerate(out if all_stages else [out]):
-            for i, result in zip(group, results):
-                merged[stage][i] = result
-    return merged if all_stages else merged[0]

@@ -91,15 +91,15 @@ class KernelHead(nn.Module):
     entries are the query's reference point (x, y) in logit space.
     """
 
-    def __init__(self, d_model: int = 256, kernel_dim: int = 256, kernel_position: bool = True,
+    def __init__(self, hidden_dim: int = 256, kernel_dim: int = 256, kernel_position: bool = True,
                  eps: float = 1e-5) -> None:
         super().__init__()
         if kernel_position and kernel_dim <= 2:
             raise ValueError(f"kernel_dim: expected > 2 with kernel_position, got {kernel_dim}")
         self.kernel_dim, self.kernel_position, self.eps = kernel_dim, kernel_position, eps
         out = kernel_dim - 2 if kernel_position else kernel_dim
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(inplace=True),
-                                 nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, out))
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out))
 
     def forward(self, hs: torch.Tensor, reference_points: torch.Tensor | None = None) -> torch.Tensor:
         """hs [..., N, Q, d] (e.g. all decoder layers [D, N, Q, d]); reference_points [N, Q, 2] in [0, 1]

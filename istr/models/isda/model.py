@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from istr.io import register_architecture
-from istr.losses.criterion import criterion_config, criterion_from_config
-from istr.losses.targets import check_call, mask_targets
-from istr.models.backbone import build_backbone
-from istr.models.deformable import DeformableTransformer, level_masks
-from istr.models.isda_heads import KernelHead, MaskFeatureHead, mask_logits
-from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, grouped
+from istr.models.base import DetectionModel, check_backbone, check_positive_ints, topk_over_classes
+from istr.models.isda.deformable import DeformableTransformer, level_masks
+from istr.models.isda.heads import KernelHead, MaskFeatureHead, mask_logits
+from istr.models.isda.results import map_results
+from istr.models.isda.targets import mask_targets
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 __all__ = ["ISDA", "ISDA_COSTS", "ISDA_LOSSES"]
 
@@ -23,7 +23,7 @@ ISDA_LOSSES = {"focal": 2.0, "mask_dice": 3.0}  # sigmoid focal + dice, on every
 
 
 @register_architecture("isda")
-class ISDA(nn.Module):
+class ISDA(DetectionModel):
     """Instance Segmentation with Deformable Attention, from the library's parts.
 
     model(images, targets=None, all_stages=False) exactly as ISTR: a dict of losses in train mode (targets in
@@ -40,91 +40,40 @@ class ISDA(nn.Module):
     are batched only with images of the same padded size (an image's result does not depend on the batch).
     """
 
-    # construction keys that may differ when loading weights into an existing model
-    inference_options = frozenset({"preset", "criterion", "min_size", "max_size", "train_min_sizes",
-                                   "detections_per_image", "mask_threshold"})
+    renamed_args = {"mask_dim": "kernel_dim"}  # model files written before the rename
     lr_multipliers = {"sampling_offsets": 0.1, "reference_points": 0.1}  # the reference recipe (x backbone's own)
 
     def __init__(self, backbone: nn.Module, num_classes: int = 80, *, criterion: nn.Module | None = None,
                  hidden_dim: int = 256, num_queries: int = 300, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
-                 num_points: int = 4, mask_feat_dim: int = 128, mask_dim: int = 256, mask_stride: int = 4,
+                 num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("num_queries", num_queries), ("hidden_dim", hidden_dim),
-                            ("num_decoder_layers", num_decoder_layers), ("detections_per_image", detections_per_image)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for key in ("out_channels", "strides"):
-            if not hasattr(backbone, key):
-                raise TypeError(f"the backbone must expose `{key}` (see istr.models.backbone); "
-                                f"{type(backbone).__name__} does not")
-        strides = tuple(backbone.strides)
-        if strides != (4, 8, 16, 32, 64):
-            raise ValueError(f"ISDA needs the backbone's maps at strides (4, 8, 16, 32, 64) (P2..P6, e.g. "
-                             f"Backbone(..., neck='channel_mapper')), got {strides}")
-        if backbone.out_channels != hidden_dim:
-            raise ValueError(f"the backbone gives {backbone.out_channels}-channel maps but hidden_dim={hidden_dim}")
+        check_positive_ints(num_classes=num_classes, num_queries=num_queries, hidden_dim=hidden_dim,
+                            num_decoder_layers=num_decoder_layers, detections_per_image=detections_per_image)
+        check_backbone(backbone, hidden_dim, strides=(4, 8, 16, 32, 64))  # P2..P6: Backbone(..., neck="channel_mapper")
         self.backbone, self.criterion = backbone, criterion
         self.num_classes, self.num_queries = num_classes, num_queries
         self.mask_stride, self.detections_per_image, self.mask_threshold = mask_stride, detections_per_image, mask_threshold
-        self.categories: list[dict[str, Any]] | None = None
         self.transform = ImageTransform(min_size, max_size, train_min_sizes, size_divisible, pixel_mean, pixel_std)
         self.transformer = DeformableTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim,
-                                                 dropout, n_levels=4, n_points=num_points, num_queries=num_queries)
-        self.mask_features = MaskFeatureHead(hidden_dim, mask_feat_dim, mask_dim, mask_stride, mask_position, num_groups)
-        self.kernel_head = KernelHead(hidden_dim, mask_dim, kernel_position)
+                                                 dropout, num_levels=4, num_points=num_points, num_queries=num_queries)
+        self.mask_features = MaskFeatureHead(hidden_dim, mask_feat_dim, kernel_dim, mask_stride, mask_position,
+                                             num_groups)
+        self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.hparams: dict[str, Any] = dict(
-            num_classes=num_classes, hidden_dim=hidden_dim, num_queries=num_queries,
-            num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers, num_heads=num_heads,
-            ffn_dim=ffn_dim, dropout=dropout, num_points=num_points, mask_feat_dim=mask_feat_dim, mask_dim=mask_dim,
-            mask_stride=mask_stride, mask_position=bool(mask_position), kernel_position=bool(kernel_position),
-            num_groups=num_groups, prior_prob=prior_prob, min_size=min_size, max_size=max_size,
-            train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
-            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
-
-    # ------------------------------------------------------------------ construction info
-    def config(self) -> dict[str, Any]:
-        """Plain-value description that rebuilds this model (istr.save_model stores it; from_config reads it)."""
-        cfg = dict(self.hparams, detections_per_image=self.detections_per_image, mask_threshold=self.mask_threshold)
-        bb_config = getattr(self.backbone, "config", None)
-        cfg["backbone"] = bb_config() if callable(bb_config) else None
-        cfg["criterion"] = criterion_config(self.criterion)
-        cfg["preset"] = getattr(self, "preset", None)
-        return cfg
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ISDA":
-        """Rebuild an (untrained, pretrained=False) ISDA from a config() dict."""
-        config = dict(config)
-        backbone_cfg, crit_cfg, preset = config.pop("backbone"), config.pop("criterion", None), config.pop("preset", None)
-        if backbone_cfg is None:
-            raise ValueError("this model's backbone has no config() (not a registered backbone), so it cannot be "
-                             "rebuilt from the file: load the weights into a model you build: "
-                             "istr.load_model(path, model=...)")
-        criterion = criterion_from_config(crit_cfg, config["num_classes"])
-        model = cls(build_backbone(backbone_cfg), config.pop("num_classes"), criterion=criterion, **config)
-        if preset is not None:
-            model.preset = preset
-        return model
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of everything but the backbone (and its neck): transformer, MFR, kernel and class heads."""
-        skip = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in skip]
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
                 all_stages: bool = False) -> Any:
-        images, original_sizes = check_call(self, images, targets, all_stages, self.class_embed.weight.device)
+        images, original_sizes = self.check_call(images, targets, all_stages, self.class_embed.weight.device)
         if not self.training:  # images of other padded sizes run apart: each result is the image's alone
-            return grouped(self._infer, images, self.transform.same_size_groups(images), all_stages)
+            return self.grouped_inference(self._infer, images, all_stages)
         return self._forward(images, original_sizes, targets, all_stages)
 
     def _infer(self, images: list[torch.Tensor], all_stages: bool) -> Any:
@@ -150,8 +99,8 @@ class ISDA(nn.Module):
                                  f"{tuple(layers[0]['mask_logits'].shape[-2:])} are on different grids")
             return self.criterion(layers, prepared, None)
         layer_ids = range(len(hs)) if all_stages else [len(hs) - 1]
-        results = [self.transform.postprocess(self._detections(logits[d], kernels[d], mfr), sizes, original_sizes,
-                                              self.mask_threshold, self.mask_stride) for d in layer_ids]
+        results = [map_results(self._detections(logits[d], kernels[d], mfr), sizes, original_sizes, self.mask_threshold,
+                               self.mask_stride) for d in layer_ids]
         return results if all_stages else results[0]
 
     def _detections(self, logits: torch.Tensor, kernels: torch.Tensor, mfr: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -159,10 +108,8 @@ class ISDA(nn.Module):
         classes), masks = sigmoid(kernel . MFR) of the kept queries, scores x maskness (the mean probability
         inside the mask binarised at mask_threshold, as SOLOv2), re-sorted; queries whose mask is empty are dropped
         -> per image {"labels", "scores", "mask_maps"}."""
-        b, q, c = logits.shape
-        top = min(self.detections_per_image, q * c)
-        scores, index = logits.sigmoid().flatten(1).topk(top, dim=1)
-        labels, query = index % c, torch.div(index, c, rounding_mode="floor")
+        scores, labels, query = topk_over_classes(logits, self.detections_per_image)
+        b = scores.shape[0]
         kept = torch.gather(kernels, 1, query[..., None].expand(-1, -1, kernels.shape[-1]))  # [B, top, K]
         probs = mask_logits(kept, mfr).sigmoid()  # [B, top, h, w]
         binary = (probs >= self.mask_threshold).to(probs.dtype)

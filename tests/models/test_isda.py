@@ -10,10 +10,10 @@ from torch import nn
 import istr
 from istr.errors import NonFiniteError
 from istr.models import ISDA
-from test_models import make_batch
+from model_utils import make_batch
 
 TINY = dict(num_queries=8, num_encoder_layers=1, num_decoder_layers=2, hidden_dim=32, num_heads=4, ffn_dim=64,
-            mask_feat_dim=16, mask_dim=32, num_groups=8, detections_per_image=10, min_size=64, max_size=96,
+            mask_feat_dim=16, kernel_dim=32, num_groups=8, detections_per_image=10, min_size=64, max_size=96,
             train_min_sizes=(64,))
 
 

@@ -8,7 +8,7 @@ import istr
 from istr.losses import LOSSES, SetCriterion
 from istr.matching import HungarianMatcher
 from istr.models import ISTRStage
-from test_models import make_batch, tiny_model
+from model_utils import make_batch, tiny_model
 
 
 def test_denoising_adds_loss_terms_and_trains_its_query():

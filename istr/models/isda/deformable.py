@@ -16,25 +16,25 @@ __all__ = ["DeformableDecoderLayer", "DeformableEncoderLayer", "DeformableTransf
 
 
 class MultiScaleDeformableAttention(nn.Module):
-    """MSDA (Deformable DETR): each query attends to n_points sampled points per head and level around its
+    """MSDA (Deformable DETR): each query attends to num_points sampled points per head and level around its
     reference point; offsets and weights are linear in the query, weights softmax-normalised over levels x points.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(self, hidden_dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={hidden_dim}, num_heads={num_heads}")
+        self.hidden_dim, self.num_levels, self.num_heads, self.num_points = hidden_dim, num_levels, num_heads, num_points
+        self.sampling_offsets = nn.Linear(hidden_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(hidden_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.output_proj = nn.Linear(hidden_dim, hidden_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: head m's points on a ray at angle 2*pi*m/M (the larger of |cos|, |sin| scaled
         to 1), point i at distance i+1 px, same at every level; uniform attention; xavier projections."""
-        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        m, lv, p = self.num_heads, self.num_levels, self.num_points
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
         direction = torch.stack([theta.cos(), theta.sin()], -1)
@@ -58,7 +58,7 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         shapes = spatial_shapes_list(spatial_shapes)
         n, lq, _ = query.shape
-        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        m, lv, p = self.num_heads, self.num_levels, self.num_points
         if reference_points.shape != (n, lq, lv, 2):
             raise ValueError(f"reference_points: expected [N, Lq, L, 2] = {(n, lq, lv, 2)}, "
                              f"got shape {tuple(reference_points.shape)}")
@@ -77,13 +77,13 @@ class MultiScaleDeformableAttention(nn.Module):
         (True = padding; those values are zeroed) or None. Returns [N, Lq, C].
         """
         shapes = spatial_shapes_list(spatial_shapes)
-        if len(shapes) != self.n_levels:
-            raise ValueError(f"spatial_shapes: expected {self.n_levels} levels, got {len(shapes)}: {shapes}")
-        if query.dim() != 3 or query.shape[-1] != self.d_model:
-            raise ValueError(f"query: expected [N, Lq, {self.d_model}], got shape {tuple(query.shape)}")
+        if len(shapes) != self.num_levels:
+            raise ValueError(f"spatial_shapes: expected {self.num_levels} levels, got {len(shapes)}: {shapes}")
+        if query.dim() != 3 or query.shape[-1] != self.hidden_dim:
+            raise ValueError(f"query: expected [N, Lq, {self.hidden_dim}], got shape {tuple(query.shape)}")
         n, s = query.shape[0], sum(h * w for h, w in shapes)
-        if value_input.shape != (n, s, self.d_model):
-            raise ValueError(f"value_input: expected [N, S, C] = {(n, s, self.d_model)} for spatial_shapes {shapes}, "
+        if value_input.shape != (n, s, self.hidden_dim):
+            raise ValueError(f"value_input: expected [N, S, C] = {(n, s, self.hidden_dim)} for spatial_shapes {shapes}, "
                              f"got shape {tuple(value_input.shape)}")
         if level_start_index is not None:
             starts = [0, *itertools.accumulate(h * w for h, w in shapes[:-1])]
@@ -98,7 +98,7 @@ class MultiScaleDeformableAttention(nn.Module):
                                  f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
             value = value.masked_fill(padding_mask[..., None], 0.0)
         locations, weights = self.sample_points(query, reference_points, shapes)
-        value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
+        value = value.view(n, s, self.num_heads, self.hidden_dim // self.num_heads)
         return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
 
 
@@ -192,22 +192,22 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: torch.Tensor
     return torch.cat(points, 1)[:, :, None] * ratios[:, None]
 
 
-def _ffn(d_model: int, dim_feedforward: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(dim_feedforward, d_model), nn.Dropout(dropout))
+def _ffn(hidden_dim: int, ffn_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(ffn_dim, hidden_dim), nn.Dropout(dropout))
 
 
 class DeformableEncoderLayer(nn.Module):
     """MSDA self-attention over all levels, then an FFN; post-norm (each sub-layer: norm(x + dropout(f(x))))."""
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 dim_feedforward: int = 1024, dropout: float = 0.1) -> None:
+    def __init__(self, hidden_dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4,
+                 ffn_dim: int = 1024, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MultiScaleDeformableAttention(hidden_dim, num_levels, num_heads, num_points)
         self.dropout = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = _ffn(d_model, dim_feedforward, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.ffn = _ffn(hidden_dim, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
                 spatial_shapes: SpatialShapes, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -221,17 +221,17 @@ class DeformableDecoderLayer(nn.Module):
     """Query self-attention (MHA, query_pos added to q and k), MSDA cross-attention into the encoder memory, FFN;
     post-norm."""
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 dim_feedforward: int = 1024, dropout: float = 0.1) -> None:
+    def __init__(self, hidden_dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4,
+                 ffn_dim: int = 1024, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.cross_attn = MultiScaleDeformableAttention(hidden_dim, num_levels, num_heads, num_points)
         self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = _ffn(d_model, dim_feedforward, dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.ffn = _ffn(hidden_dim, ffn_dim, dropout)
+        self.norm3 = nn.LayerNorm(hidden_dim)
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
                 memory: torch.Tensor, spatial_shapes: SpatialShapes,
@@ -254,19 +254,19 @@ class DeformableTransformer(nn.Module):
     memory [N, S, C] the encoder output, levels flattened row-major and concatenated).
     """
 
-    def __init__(self, d_model: int = 256, n_heads: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
-                 dim_feedforward: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_points: int = 4,
+    def __init__(self, hidden_dim: int = 256, num_heads: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 ffn_dim: int = 1024, dropout: float = 0.1, num_levels: int = 4, num_points: int = 4,
                  num_queries: int = 300) -> None:
         super().__init__()
-        if d_model % 2:
-            raise ValueError(f"d_model must be even (half x, half y sine features), got {d_model}")
-        self.d_model, self.n_levels, self.num_queries = d_model, n_levels, num_queries
-        layer_args = (d_model, n_levels, n_heads, n_points, dim_feedforward, dropout)
+        if hidden_dim % 2:
+            raise ValueError(f"hidden_dim must be even (half x, half y sine features), got {hidden_dim}")
+        self.hidden_dim, self.num_levels, self.num_queries = hidden_dim, num_levels, num_queries
+        layer_args = (hidden_dim, num_levels, num_heads, num_points, ffn_dim, dropout)
         self.encoder = nn.ModuleList(DeformableEncoderLayer(*layer_args) for _ in range(num_encoder_layers))
         self.decoder = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_decoder_layers))
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
-        self.query_embedding = nn.Embedding(num_queries, 2 * d_model)  # [query_pos | content query]
-        self.reference_points = nn.Linear(d_model, 2)
+        self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
+        self.query_embedding = nn.Embedding(num_queries, 2 * hidden_dim)  # [query_pos | content query]
+        self.reference_points = nn.Linear(hidden_dim, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -284,17 +284,17 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def _check(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]]) -> None:
-        if len(features) != self.n_levels:
-            raise ValueError(f"features: expected {self.n_levels} levels, got {len(features)}")
+        if len(features) != self.num_levels:
+            raise ValueError(f"features: expected {self.num_levels} levels, got {len(features)}")
         n = features[0].shape[0]
         for level, feat in enumerate(features):
-            if feat.dim() != 4 or feat.shape[:2] != (n, self.d_model):
-                raise ValueError(f"features[{level}]: expected [N={n}, C={self.d_model}, H_l, W_l], "
+            if feat.dim() != 4 or feat.shape[:2] != (n, self.hidden_dim):
+                raise ValueError(f"features[{level}]: expected [N={n}, C={self.hidden_dim}, H_l, W_l], "
                                  f"got shape {tuple(feat.shape)}")
         if masks is None:
             return
-        if len(masks) != self.n_levels:
-            raise ValueError(f"masks: expected {self.n_levels} masks or None, got {len(masks)}")
+        if len(masks) != self.num_levels:
+            raise ValueError(f"masks: expected {self.num_levels} masks or None, got {len(masks)}")
         for level, (feat, mask) in enumerate(zip(features, masks)):
             expected = (n, *feat.shape[2:])
             if mask.shape != expected or mask.dtype != torch.bool:
@@ -326,12 +326,12 @@ class DeformableTransformer(nn.Module):
         src, pos, padding_mask, shapes = self.flatten(features, masks)
         n = src.shape[0]
         ratios = (valid_ratios(masks, src.dtype) if masks is not None
-                  else src.new_ones(n, self.n_levels, 2))
+                  else src.new_ones(n, self.num_levels, 2))
         memory = src
         enc_ref = encoder_reference_points(shapes, ratios)
         for layer in self.encoder:
             memory = layer(memory, pos, enc_ref, shapes, padding_mask)
-        query_pos, tgt = self.query_embedding.weight.split(self.d_model, dim=1)
+        query_pos, tgt = self.query_embedding.weight.split(self.hidden_dim, dim=1)
         query_pos, tgt = query_pos.expand(n, -1, -1), tgt.expand(n, -1, -1)
         reference_points = self.reference_points(query_pos).sigmoid()  # [N, Q, 2]
         dec_ref = reference_points[:, :, None] * ratios[:, None]  # [N, Q, L, 2]

@@ -10,11 +10,11 @@ from torchvision.ops import box_convert
 
 from istr.codecs import MaskCodec, NotFittedError, create_codec
 from istr.io import register_architecture
-from istr.losses.criterion import criterion_config, criterion_from_config
-from istr.losses.targets import box_targets, check_call
-from istr.models.backbone import build_backbone
-from istr.models.head import ISTRStage
-from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, grouped
+from istr.models.base import DetectionModel, check_backbone, check_positive_ints, topk_over_classes
+from istr.models.istr.head import ISTRStage
+from istr.models.istr.results import paste_results
+from istr.models.istr.targets import box_targets
+from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from istr.ops.roi_align import PyramidTable
 
 __all__ = ["ISTR", "DEFAULT_TRAIN_MIN_SIZES"]
@@ -23,7 +23,7 @@ DEFAULT_TRAIN_MIN_SIZES = tuple(range(480, 801, 32))  # paper / v1: short side 4
 
 
 @register_architecture("istr")
-class ISTR(nn.Module):
+class ISTR(DetectionModel):
     """Instance Segmentation TRansformer (paper = reference v1 by default; v2 options behind arguments).
 
     model(images, targets=None, all_stages=False), images: list of float [3, H, W] in [0, 1], any sizes.
@@ -77,10 +77,8 @@ class ISTR(nn.Module):
         if mask_dim is not None and mask_dim != codec.dim:
             raise ValueError(f"the mask head outputs mask_dim={mask_dim} but the codec embeds masks in "
                              f"l={codec.dim} dims ({type(codec).__name__}); they must agree")
-        for name, value in (("num_classes", num_classes), ("num_queries", num_queries), ("num_stages", num_stages),
-                            ("hidden_dim", hidden_dim), ("detections_per_image", detections_per_image)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(num_classes=num_classes, num_queries=num_queries, num_stages=num_stages,
+                            hidden_dim=hidden_dim, detections_per_image=detections_per_image)
         if not isinstance(denoising_groups, int) or isinstance(denoising_groups, bool) or denoising_groups < 0:
             raise ValueError(f"denoising_groups must be an int >= 0, got {denoising_groups!r}")
         if not isinstance(denoising_box_noise, (int, float)) or not 0 < denoising_box_noise < 2:
@@ -92,35 +90,15 @@ class ISTR(nn.Module):
             raise ValueError(f"image_pool must be 'avg', 'max' or None, got {image_pool!r}")
         if image_pool is None and not position_embedding:
             raise ValueError("image_pool=None with position_embedding=False leaves the initial queries all zero")
-        for key in ("out_channels", "strides"):
-            if not hasattr(backbone, key):
-                raise TypeError(f"the backbone must expose `{key}` (the backbone contract: out_channels, strides, "
-                                f"forward -> one map per stride; see istr.models.backbone); {type(backbone).__name__} "
-                                "does not")
-        out_channels = backbone.out_channels
-        if out_channels != hidden_dim:
-            raise ValueError(f"the backbone gives {out_channels}-channel features but hidden_dim={hidden_dim}; "
-                             "RoI tokens and queries must have the same width (set the FPN out_channels)")
+        self.strides = check_backbone(backbone, hidden_dim)  # RoI tokens and queries have the backbone's width
         self.backbone, self.codec, self.criterion = backbone, codec, criterion
-        self.strides = tuple(backbone.strides)
         self.num_classes, self.num_queries, self.num_stages = num_classes, num_queries, num_stages
         self.image_pool, self.image_pool_padding = image_pool, bool(image_pool_padding)
         self.detections_per_image, self.target_crop = detections_per_image, target_crop
-        self.categories: list[dict[str, Any]] | None = None  # [{"id", "name"}] per label, set by the Trainer
         self.stage_logit_average, self.logit_average_from = bool(stage_logit_average), int(logit_average_from)
         self.mask_threshold = mask_threshold
         self.transform = ImageTransform(min_size, max_size, train_min_sizes, size_divisible, pixel_mean, pixel_std)
-        self.hparams: dict[str, Any] = dict(
-            num_classes=num_classes, num_queries=num_queries, num_stages=num_stages, hidden_dim=hidden_dim,
-            dynamic_dim=dynamic_dim, ffn_dim=ffn_dim, num_heads=num_heads, roi_size=roi_size, attention=attention,
-            image_pool=image_pool, image_pool_padding=self.image_pool_padding, position_embedding=bool(position_embedding), mask_head=mask_head,
-            mask_roi_size=mask_roi_size, stage_logit_average=self.stage_logit_average,
-            logit_average_from=self.logit_average_from, detections_per_image=detections_per_image,
-            mask_threshold=mask_threshold, prior_prob=prior_prob, denoising_groups=denoising_groups,
-            target_crop=target_crop,
-            denoising_box_noise=float(denoising_box_noise), min_size=min_size, max_size=max_size,
-            train_min_sizes=list(train_min_sizes) if train_min_sizes else None, size_divisible=size_divisible,
-            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std))
+        self.hidden_dim = hidden_dim
 
         # position embeddings: N(0, 1) (nn.Embedding's default); query boxes: normalised cxcywh = whole image
         self.position_embeddings = nn.Parameter(torch.randn(num_queries, hidden_dim)) if position_embedding else None
@@ -137,39 +115,32 @@ class ISTR(nn.Module):
             s.reset_parameters()
 
     # ------------------------------------------------------------------ construction info
+    module_args = ("backbone", "codec", "criterion")
     # construction keys that may differ when loading weights into an existing model (no effect on the weights)
-    inference_options = frozenset({"preset", "criterion", "min_size", "max_size", "train_min_sizes",
-                                   "detections_per_image", "mask_threshold", "stage_logit_average",
-                                   "logit_average_from", "image_pool_padding", "target_crop"})
+    inference_options = DetectionModel.inference_options | {"stage_logit_average", "logit_average_from",
+                                                            "image_pool_padding", "target_crop"}
 
-    def config(self) -> dict[str, Any]:
-        """Plain-value description that rebuilds this model (istr.save_model stores it; from_config reads it)."""
-        cfg: dict[str, Any] = dict(self.hparams)
-        cfg.update(stage_logit_average=self.stage_logit_average, logit_average_from=self.logit_average_from,
-                   detections_per_image=self.detections_per_image, mask_threshold=self.mask_threshold)
-        bb_config = getattr(self.backbone, "config", None)
-        cfg["backbone"] = bb_config() if callable(bb_config) else None
-        cfg["codec"] = {"name": self.codec.codec_name, "config": self.codec.config()}
-        cfg["criterion"] = criterion_config(self.criterion)
-        cfg["preset"] = getattr(self, "preset", None)
-        return cfg
+    def _module_config(self, name: str, module: Any) -> Any:
+        if name == "codec":
+            return {"name": module.codec_name, "config": module.config()}
+        return super()._module_config(name, module)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ISTR":
-        """Rebuild an (untrained, pretrained=False) ISTR from a config() dict."""
-        config = dict(config)
-        backbone_cfg = config.pop("backbone")
-        if backbone_cfg is None:
-            raise ValueError("this model's backbone has no config() (not a registered backbone), so it cannot be "
-                             "rebuilt from the file: register it (istr.models.register_backbone) or load the weights "
-                             "into a model you build: istr.load_model(path, model=...)")
-        codec_cfg, crit_cfg, preset = config.pop("codec"), config.pop("criterion", None), config.pop("preset", None)
-        codec = create_codec(codec_cfg["name"], **codec_cfg["config"])
-        criterion = criterion_from_config(crit_cfg, config["num_classes"])
-        model = cls(build_backbone(backbone_cfg), codec, config.pop("num_classes"), criterion=criterion, **config)
-        if preset is not None:
-            model.preset = preset
-        return model
+    def _build_module(cls, name: str, module_config: Any, config: dict[str, Any]) -> Any:
+        if name == "codec":
+            return create_codec(module_config["name"], **module_config["config"])
+        return super()._build_module(name, module_config, config)
+
+    def prepare_training(self, annotation_file: Any, max_masks: int | None = None) -> str | None:
+        """Fit the codec on the box-cropped masks of a COCO annotation file when it is not fitted yet."""
+        if self.codec.is_fitted:
+            return None
+        from istr.data.coco import describe_stats
+        from istr.data.grids import coco_mask_grids
+
+        grids, stats = coco_mask_grids(annotation_file, self.codec.mask_size, max_masks=max_masks, return_stats=True)
+        self.codec.fit(grids)
+        return f"fitted the {type(self.codec).__name__} on {len(grids)} training masks ({describe_stats(stats)})"
 
     def train(self, mode: bool = True) -> "ISTR":
         """The codec is pre-learned and fixed (paper): it stays in eval mode whatever the model's mode."""
@@ -186,13 +157,13 @@ class ISTR(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
                 all_stages: bool = False) -> Any:
         self._check_codec()
-        images, original_sizes = check_call(self, images, targets, all_stages, self.query_boxes.device)
+        images, original_sizes = self.check_call(images, targets, all_stages, self.query_boxes.device)
         if not self.training:  # images of other padded sizes run apart: each result is the image's alone
-            return grouped(self._infer, images, self.transform.same_size_groups(images), all_stages)
+            return self.grouped_inference(self._infer, images, all_stages)
         batch, sizes = self.transform(images)
         features, table = self._features(batch)
         prepared = box_targets(targets, original_sizes, sizes, self.codec.mask_size, self.query_boxes.device,
-                               self.codec, self.target_crop)
+                               self.target_crop)
         denoising = self._denoising_queries(features, sizes, prepared) if self.denoising_groups else None
         stage_outputs, dn_outputs = self._run_stages(features, table, sizes, True, denoising)
         keys = ("logits", "boxes", "mask_embeds")
@@ -213,8 +184,8 @@ class ISTR(nn.Module):
         features, table = self._features(batch)
         stage_outputs, _ = self._run_stages(features, table, sizes, with_masks=False)
         stage_ids = range(self.num_stages) if all_stages else [self.num_stages - 1]
-        results = [self.transform.postprocess(self._detections(stage_outputs, s, table), sizes, original_sizes,
-                                              self.mask_threshold) for s in stage_ids]
+        results = [paste_results(self._detections(stage_outputs, s, table), sizes, original_sizes, self.mask_threshold)
+                   for s in stage_ids]
         return results if all_stages else results[0]
 
     def _pooled(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor | None:
@@ -243,7 +214,7 @@ class ISTR(nn.Module):
 
     def _initial_queries(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
         b = features[0].shape[0]
-        queries = features[0].new_zeros((b, self.num_queries, self.hparams["hidden_dim"]))
+        queries = features[0].new_zeros((b, self.num_queries, self.hidden_dim))
         pooled = self._pooled(features, sizes)
         if pooled is not None:
             queries = queries + pooled[:, None, :]
@@ -326,16 +297,14 @@ class ISTR(nn.Module):
     def _detections(self, stage_outputs: list[dict[str, torch.Tensor]], stage_id: int,
                     table: PyramidTable) -> list[dict[str, torch.Tensor]]:
         """Top detections of one stage on the resized input: per image {"boxes" [N, 4], "labels", "scores",
-        "mask_grids" [N, M, M]} (ImageTransform.postprocess maps them to the original images)."""
+        "mask_grids" [N, M, M]} (paste_results maps them to the original images)."""
         out = stage_outputs[stage_id]
         logits = out["logits"]
         if self.stage_logit_average and stage_id == self.num_stages - 1:
             first = min(self.logit_average_from, self.num_stages - 1)
             logits = torch.stack([o["logits"] for o in stage_outputs[first:]]).mean(0)
-        b, k, c = logits.shape
-        top = min(self.detections_per_image, k * c)
-        scores, index = torch.sigmoid(logits).flatten(1).topk(top, dim=1)  # over the K x C grid, no NMS
-        labels, query = index % c, torch.div(index, c, rounding_mode="floor")
+        scores, labels, query = topk_over_classes(logits, self.detections_per_image)
+        b, top = scores.shape
         gather = lambda x: torch.gather(x, 1, query[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes, queries = gather(out["boxes"]), gather(out["queries"])
         # only the kept detections run the mask branch (duplicated queries are cheap: at most `top` rows)
