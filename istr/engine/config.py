@@ -81,7 +81,7 @@ class TrainConfig:
     log_every: int = field(default=20, metadata=_opt("iterations between log lines"))
     eval_every: int = field(default=0, metadata=_opt("iterations between evaluations (0: none)"))
     eval_at_end: bool = field(default=True, metadata=_opt("evaluate after the last step (with validation data)"))
-    checkpoint_every: int = field(default=5000, metadata=_opt("iterations between checkpoints (0: at the end only)"))
+    checkpoint_every: int = field(default=5000, metadata=_opt("iterations between checkpoints (0: none, but for the end of a time-budget run)"))
     keep_checkpoints: int = field(default=2, metadata=_opt("checkpoints kept on disk (0: all)"))
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
     find_unused_parameters: bool = field(default=False, metadata=_opt("DistributedDataParallel's option of that "
