@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from istr.checks import check_number
+
 __all__ = ["PretrainedUnavailableError", "check_pretrained_available", "pretrained_weights_access"]
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -114,8 +116,7 @@ def _can_connect(host: str, port: int, timeout_s: float) -> tuple[bool, str]:
 
 def _status(model_name: str, timeout_s: float) -> tuple[_Source, bool]:
     """(source, reachable); raises PretrainedUnavailableError when the weights are neither cached nor reachable."""
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    check_number("timeout_s", timeout_s, min=0, min_inclusive=False)
     source = _resolve(model_name)
     if source.kind not in ("hf-hub", "url"):
         return source, True

@@ -14,6 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from istr.checks import check_bool, check_number
 from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
@@ -256,8 +257,8 @@ def read_coco_annotations(coco: COCO, *, min_box_size: float = 1.0,
     ("dropped_degenerate_boxes"). "instances" counts what is kept. Masks that rasterise empty are found only when
     rasterised: CocoInstances and coco_mask_grids drop them then ("dropped_empty_masks").
     """
-    if min_box_size < 0:
-        raise ValueError(f"min_box_size must be >= 0, got {min_box_size}")
+    min_box_size = check_number("min_box_size", min_box_size, min=0)
+    include_crowd = check_bool("include_crowd", include_crowd)
     stats = dict.fromkeys(ANNOTATION_STATS, 0)
     images = []
     for img in sorted(coco.dataset["images"], key=lambda im: im["id"]):
@@ -356,14 +357,15 @@ class CocoInstances(Dataset):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir}")
-        if min_box_size < 0:
-            raise ValueError(f"min_box_size must be >= 0, got {min_box_size}")
+        self.min_box_size = float(check_number("min_box_size", min_box_size, min=0))
+        if transforms is not None and not callable(transforms):
+            raise TypeError(f"transforms must be callable (image, target) -> (image, target), got "
+                            f"{type(transforms).__name__}")
         self.ann_file = Path(ann_file)
         self.transforms = transforms
-        self.include_empty = include_empty
-        self.min_box_size = float(min_box_size)
-        self.check_image_size = check_image_size
-        self.segmentations = bool(segmentations)
+        self.include_empty = check_bool("include_empty", include_empty)
+        self.check_image_size = check_bool("check_image_size", check_image_size)
+        self.segmentations = check_bool("segmentations", segmentations)
         self.coco = load_coco_json(self.ann_file)
 
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])

@@ -12,6 +12,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy.ndimage import zoom
 
+from istr.checks import check_number
+
 __all__ = ["SHAPE_CLASSES", "DIFFICULTIES", "make_synthetic_coco", "render_image", "main"]
 
 # Class = shape only; colour, texture, size, rotation and aspect are random for every instance.
@@ -254,11 +256,20 @@ def make_synthetic_coco(
     same arguments give byte-identical json and images. Returns {"root", "train_images", "train_annotations",
     "val_images", "val_annotations"} as str.
     """
-    if isinstance(image_size, int):
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
-    h, w = (int(v) for v in image_size)
-    if h < 16 or w < 16:
-        raise ValueError(f"image_size must be at least 16 x 16, got {(h, w)}")
+    if isinstance(image_size, (str, bytes)) or not hasattr(image_size, "__len__") or len(image_size) != 2:
+        raise TypeError(f"image_size must be an int or (height, width), got {image_size!r} "
+                        f"({type(image_size).__name__})")
+    h, w = (check_number("image_size", v, integer=True, min=16) for v in image_size)
+    num_train = check_number("num_train", num_train, integer=True, min=0)
+    num_val = check_number("num_val", num_val, integer=True, min=0)
+    seed = check_number("seed", seed, integer=True, min=0)
+    min_objects = check_number("min_objects", min_objects, integer=True, min=1, allow_none=True)
+    max_objects = check_number("max_objects", max_objects, integer=True, min=1, allow_none=True)
+    small_fraction = check_number("small_fraction", small_fraction, min=0, max=1, allow_none=True)
+    if not isinstance(image_format, str):
+        raise TypeError(f"image_format must be 'png' or 'jpg', got {image_format!r} ({type(image_format).__name__})")
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
     preset = DIFFICULTIES[difficulty]
@@ -312,9 +323,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("--format", default="jpg", choices=["png", "jpg"])
     args = parser.parse_args(argv)
     size = (args.size[0], args.size[-1])
-    paths = make_synthetic_coco(args.out_dir, args.num_train, args.num_val, size, args.seed,
-                                difficulty=args.difficulty, min_objects=args.min_objects, max_objects=args.max_objects,
-                                small_fraction=args.small_fraction, image_format=args.format)  # fmt: skip
+    try:
+        paths = make_synthetic_coco(args.out_dir, args.num_train, args.num_val, size, args.seed,
+                                    difficulty=args.difficulty, min_objects=args.min_objects,
+                                    max_objects=args.max_objects, small_fraction=args.small_fraction,
+                                    image_format=args.format)  # fmt: skip
+    except (ValueError, TypeError, OSError) as exc:  # bad values and unwritable folders: one line, status 2
+        parser.error(" ".join(str(exc).split()))
     print(json.dumps(paths, indent=1))
     return paths
 

@@ -16,6 +16,8 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from istr.checks import check_bool, check_number
+
 __all__ = [
     "Compose",
     "RandomHorizontalFlip",
@@ -55,7 +57,7 @@ class RandomHorizontalFlip:
     [i, i + 1)). Works on tv_tensors inside `Compose`."""
 
     def __init__(self, p: float = 0.5) -> None:
-        self.p = p
+        self.p = check_number("p", p, min=0.0, max=1.0)
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if torch.rand(1) >= self.p:  # v2's one draw: torchvision flips when torch.rand(1) < p
@@ -90,9 +92,7 @@ class RandomRelativeCrop:
     Works on tv_tensors inside `Compose`."""
 
     def __init__(self, fraction: float = PAPER_CROP_FRACTION) -> None:
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
-        self.fraction = fraction
+        self.fraction = check_number("crop fraction", fraction, min=0.0, max=1.0, min_inclusive=False)
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         h, w = image.shape[-2:]
@@ -183,13 +183,22 @@ def build_transforms(
     scale_jitter: False (default; the model resizes), True (paper short sides 480..800 step 32) or a list of
     short sides; long side <= max_size. train=False returns the identity Compose([]).
     """
+    check_bool("train", train)
     if not train:
         return Compose([])
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    for name, p in (("flip_prob", flip_prob), ("crop_prob", crop_prob)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    scale = check_number("scale", scale, min=0.0, min_inclusive=False)
+    flip_prob = check_number("flip_prob", flip_prob, min=0.0, max=1.0)
+    crop_prob = check_number("crop_prob", crop_prob, min=0.0, max=1.0)
+    crop_fraction = check_number("crop_fraction", crop_fraction, min=0.0, max=1.0, min_inclusive=False)
+    max_size = check_number("max_size", max_size, integer=True, min=1)
+    crop_min_sizes = [check_number("crop_min_sizes[]", v, integer=True, min=1) for v in crop_min_sizes]
+    if not crop_min_sizes and crop_prob > 0:
+        raise ValueError("crop_min_sizes is empty: give at least one short side, or crop_prob=0")
+    if not isinstance(scale_jitter, bool):
+        if isinstance(scale_jitter, (str, bytes)) or not hasattr(scale_jitter, "__iter__"):
+            raise TypeError(f"scale_jitter must be a bool or a list of short sides, got {scale_jitter!r} "
+                            f"({type(scale_jitter).__name__})")
+        scale_jitter = [check_number("scale_jitter[]", v, integer=True, min=1) for v in scale_jitter]
     top = max(1, round(max_size * scale))
     steps: list[Callable] = []
     if flip_prob > 0:
