@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from istr.io import LAST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints, load_model, save_model
+from istr.io import (LAST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints, load_model, load_torch_file,
+                     save_model)
 
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
@@ -142,9 +143,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint (expected {MODEL_FILE} and {STATE_FILE} in it)")
-    state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"{path / STATE_FILE} is not an istr training state (format {state.get('format')!r})")
+    state = load_torch_file(path / STATE_FILE, "trainer state", map_location=map_location)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path / STATE_FILE} is not an istr training state (format "
+                         f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
     try:
         load_model(path / MODEL_FILE, map_location=map_location, model=model)
     except (ValueError, TypeError) as exc:
