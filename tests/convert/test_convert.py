@@ -1,0 +1,480 @@
+"""istr.convert: the authors' checkpoints (ISTR v1, Deformable DETR) -> istr models, driven by layout manifests.
+
+Source checkpoints are generated from tests/data/manifests/*.json (key names and shapes read from the authors'
+code, written by make_manifests.py). Their tensors are views into one random pool so the files stay small.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import istr
+from istr.convert import COCO_CATEGORIES, COCO_CATEGORY_IDS, cli_main, convert, load_init
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "data" / "manifests"
+POOL = 9_000_000  # > the largest tensor (the dynamic-parameter generator, 32768 x 256)
+
+
+def manifest(name: str) -> dict:
+    return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+@functools.lru_cache(maxsize=2)
+def pools(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(POOL, generator=g) * 0.02, torch.rand(POOL, generator=g) * 0.5 + 0.5
+
+
+def pooled(shapes: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors with these shapes, as views into two shared pools (plain and positive values): torch.save
+    stores each pool once. Variances and box sizes come from the positive pool."""
+    plain, positive = pools(seed)
+    out = {}
+    for key, shape in shapes.items():
+        n = int(np.prod(shape)) if shape else 1
+        offset = zlib.crc32(key.encode()) % (POOL - n)
+        pool = positive if key.endswith(("running_var", "explained_variances", "explained_variance",
+                                         "init_proposal_boxes.weight", "query_boxes")) else plain
+        out[key] = pool[offset:offset + n].view(shape)
+    return out
+
+
+def lite(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Zero tensors of these shapes backed by one number each (expanded views): tiny files for layout errors."""
+    return {k: torch.zeros(1).expand(*v) if v else torch.zeros(()) for k, v in shapes.items()}
+
+
+def istr_v1_checkpoint(path: Path, depth: int = 50, seed: int = 0, edit=None,
+                       values: bool = True) -> dict[str, torch.Tensor]:
+    m = manifest("istr_v1_r50")
+    shapes = dict(m["keys"])
+    if depth == 101:  # R101: res4 has 23 blocks, blocks 1.. all shaped like block 1
+        block1 = {k: v for k, v in shapes.items() if k.startswith("backbone.bottom_up.res4.1.")}
+        for b in range(6, m["r101_res4_blocks"]):
+            shapes.update({k.replace("res4.1.", f"res4.{b}."): v for k, v in block1.items()})
+    sd = pooled(shapes, seed) if values else lite(shapes)
+    if edit:
+        edit(sd)
+    torch.save({"model": sd, "iteration": 269999}, path)
+    return sd
+
+
+def dd_checkpoint(path: Path, seed: int = 0, edit=None, args: dict | None = None,
+                  values: bool = True) -> dict[str, torch.Tensor]:
+    m = manifest("deformable_detr_r50")
+    sd = pooled(m["keys"], seed) if values else lite(m["keys"])
+    for group in m["shared_groups"]:  # one module listed 6 times: identical tensors
+        first = {k: v for k, v in sd.items() if k.startswith(group.format(i=0))}
+        for i in range(1, 6):
+            sd.update({k.replace(group.format(i=0), group.format(i=i)): v for k, v in first.items()})
+    if edit:
+        edit(sd)
+    ns = argparse.Namespace(**{"num_feature_levels": 4, "two_stage": False, "with_box_refine": False,
+                               "dilation": False, "masks": False, "backbone": "resnet50", "num_queries": 300,
+                               "hidden_dim": 256, **(args or {})})
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"last_epoch": 50},
+                "epoch": 49, "args": ns}, path)
+    return sd
+
+
+def small(model):
+    """64-pixel inputs for CPU tests (eval and train resize)."""
+    model.transform.min_size = model.transform.max_size = 64
+    model.transform.train_min_sizes = (64,)
+    return model
+
+
+def image(seed: int = 0, h: int = 64, w: int = 64) -> torch.Tensor:
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def targets(num_classes: int) -> list[dict[str, torch.Tensor]]:
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 10:30] = 1
+    masks[1, 30:60, 20:60] = 1
+    return [{"boxes": torch.tensor([[10.0, 8, 30, 40], [20, 30, 60, 60]]), "labels": torch.tensor([1, num_classes - 1]),
+             "masks": masks}]
+
+
+def forward_both(model) -> None:
+    small(model).eval()
+    with torch.no_grad():
+        out = model([image()])
+    assert len(out) == 1 and torch.isfinite(out[0]["scores"]).all() and out[0]["masks"].shape[-2:] == (64, 64)
+    model.train()
+    torch.manual_seed(0)
+    losses = model([image()], targets(model.num_classes))
+    assert torch.isfinite(losses["loss"]) and losses["loss"].requires_grad
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    """An ISTR v1 R50 checkpoint from the manifest, converted once: (dir, src, ckpt, model, report, file)."""
+    d = tmp_path_factory.mktemp("v1")
+    src = istr_v1_checkpoint(d / "istr_r50.pth")
+    model, report = convert(d / "istr_r50.pth", "istr-v1", out=d / "m.safetensors")
+    return SimpleNamespace(dir=d, src=src, ckpt=d / "istr_r50.pth", model=model, report=report, file=d / "m.safetensors")
+
+
+@pytest.fixture(scope="module")
+def dd(tmp_path_factory):
+    """A Deformable DETR checkpoint from the manifest: (dir, src, ckpt)."""
+    d = tmp_path_factory.mktemp("dd")
+    src = dd_checkpoint(d / "dd.pth")
+    return SimpleNamespace(dir=d, src=src, ckpt=d / "dd.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- manifests
+def test_istr_v1_manifest_converts_loads_and_runs(v1):
+    src, model, report = v1.src, v1.model, v1.report
+    assert report.target == "istr_r50_fpn_pca60"
+    assert set(report.mapped) == set(src) and set(report.dropped) == {"<iteration>"}
+    assert report.fresh == {} and set(report.filled) == set(model.state_dict())
+    loaded = istr.load_model(v1.file)
+    assert loaded.categories == COCO_CATEGORIES and loaded.config()["image_pool_padding"] is True
+    state = loaded.state_dict()
+    # a few mappings spelled out against the source
+    assert torch.equal(state["backbone.body.layer3.5.bn2.running_var"], src["backbone.bottom_up.res4.5.conv2.norm.running_var"])
+    assert torch.equal(state["backbone.body.layer1.0.downsample.0.weight"], src["backbone.bottom_up.res2.0.shortcut.weight"])
+    assert torch.equal(state["backbone.neck.inner_blocks.0.0.weight"], src["backbone.fpn_lateral2.weight"])
+    assert torch.equal(state["backbone.neck.layer_blocks.3.0.bias"], src["backbone.fpn_output5.bias"])
+    assert torch.equal(state["stages.4.interaction.generator.weight"], src["head.head_series.4.inst_interact.dynamic_layer.weight"])
+    assert torch.equal(state["stages.2.class_branch.9.bias"], src["head.head_series.2.class_logits.bias"])
+    assert torch.equal(state["stages.5.mask_branch.7.weight"], src["head.head_series.5.mask_module.7.weight"])
+    assert torch.equal(state["query_boxes"], src["init_proposal_boxes.weight"])
+    assert torch.equal(state["codec.explained_variance"], src["mask_encoding.explained_variances"])
+    assert loaded.codec.is_fitted
+    forward_both(loaded)
+
+
+def test_istr_v1_r101_depth_from_keys(tmp_path):
+    istr_v1_checkpoint(tmp_path / "r101.pth", depth=101)
+    model, report = convert(tmp_path / "r101.pth", "istr-v1")
+    assert report.target == "istr_r101_fpn_pca60" and report.fresh == {}
+    assert model.config()["backbone"]["name"] == "resnet101"
+    with pytest.raises(ValueError, match="ResNet-101.*istr_r101_fpn_pca60"):
+        convert(tmp_path / "r101.pth", "istr-v1", model_name="istr_r50_fpn_pca60")
+
+
+def test_deformable_detr_manifest_converts_loads_and_runs(dd, tmp_path):
+    src = dd.src
+    model, report = convert(dd.ckpt, "deformable-detr", out=tmp_path / "isda.safetensors")
+    assert set(report.mapped) | {k for k in report.dropped if not k.startswith("<")} == set(src)
+    assert {k for k in report.dropped if k.startswith("<")} == {"<optimizer>", "<lr_scheduler>", "<epoch>", "<args>",
+                                                                  "<class_embed rows>"}
+    assert all(k.startswith("bbox_embed.") for k in report.dropped if not k.startswith("<"))
+    fresh_prefixes = ("backbone.neck.lateral.0.", "mask_features.", "kernel_head.")
+    assert set(report.fresh) == {k for k in model.state_dict() if k.startswith(fresh_prefixes)}
+    assert set(report.filled) | set(report.fresh) == set(model.state_dict())
+    loaded = istr.load_model(tmp_path / "isda.safetensors")
+    state = loaded.state_dict()
+    ids = torch.tensor(COCO_CATEGORY_IDS)
+    assert torch.equal(state["class_embed.weight"], src["class_embed.0.weight"][ids])
+    assert torch.equal(state["class_embed.bias"][0], src["class_embed.3.bias"][1])  # person: COCO id 1
+    assert torch.equal(state["backbone.neck.lateral.1.0.weight"], src["input_proj.0.0.weight"])
+    assert torch.equal(state["backbone.neck.extra.0.1.bias"], src["input_proj.3.1.bias"])
+    assert torch.equal(state["transformer.decoder.3.norm1.weight"], src["transformer.decoder.layers.3.norm2.weight"])
+    assert torch.equal(state["transformer.decoder.3.norm2.weight"], src["transformer.decoder.layers.3.norm1.weight"])
+    assert torch.equal(state["transformer.encoder.5.ffn.3.weight"], src["transformer.encoder.layers.5.linear2.weight"])
+    assert torch.equal(state["transformer.query_embedding.weight"], src["query_embed.weight"])
+    assert torch.equal(state["backbone.body.layer4.2.bn3.running_mean"], src["backbone.0.body.layer4.2.bn3.running_mean"])
+    assert loaded.categories == COCO_CATEGORIES
+    forward_both(loaded)
+
+
+# ---------------------------------------------------------------------------------------------------- round trips
+def to_istr_v1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Test-only inverse: this library's ISTR state dict -> the authors' v1 detectron2 names."""
+    out = {}
+    branch = {"class_branch": ("cls_module", "class_logits"), "box_branch": ("reg_module", "bboxes_delta"),
+              "mask_branch": ("mask_module", "mask_logits")}
+    inter = {"generator": "dynamic_layer", "out": "out_layer"}
+    for k, v in state.items():
+        if k == "codec.fitted":
+            continue
+        if m := re.fullmatch(r"backbone\.body\.conv1\.weight", k):
+            new = "backbone.bottom_up.stem.conv1.weight"
+        elif m := re.fullmatch(r"backbone\.body\.bn1\.(\w+)", k):
+            new = f"backbone.bottom_up.stem.conv1.norm.{m[1]}"
+        elif m := re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.conv(\d)\.weight", k):
+            new = f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"
+        elif m := re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.bn(\d)\.(\w+)", k):
+            new = f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"
+        elif m := re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.weight", k):
+            new = f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.shortcut.weight"
+        elif m := re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.downsample\.1\.(\w+)", k):
+            new = f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}"
+        elif m := re.fullmatch(r"backbone\.neck\.(inner|layer)_blocks\.(\d)\.0\.(\w+)", k):
+            new = f"backbone.fpn_{'lateral' if m[1] == 'inner' else 'output'}{int(m[2]) + 2}.{m[3]}"
+        elif k == "position_embeddings":
+            new = "pos_embeddings.weight"
+        elif k == "query_boxes":
+            new = "init_proposal_boxes.weight"
+        elif k.startswith("codec."):
+            new = {"codec.components": "mask_encoding.components", "codec.mean": "mask_encoding.means",
+                   "codec.explained_variance": "mask_encoding.explained_variances"}[k]
+        elif m := re.fullmatch(r"stages\.(\d+)\.(\w+)\.(\d+)\.(\w+)", k):
+            mod, last = branch.get(m[2], (None, None))
+            if m[2] == "ffn":
+                new = f"head.head_series.{m[1]}.linear{1 if m[3] == '0' else 2}.{m[4]}"
+            else:
+                name = f"{mod}.{m[3]}" if int(m[3]) < 9 else last
+                new = f"head.head_series.{m[1]}.{name}.{m[4]}"
+        elif m := re.fullmatch(r"stages\.(\d+)\.interaction\.(\w+)\.(\w+)", k):
+            new = f"head.head_series.{m[1]}.inst_interact.{inter.get(m[2], m[2])}.{m[3]}"
+        elif m := re.fullmatch(r"stages\.(\d+)\.(.+)", k):
+            new = f"head.head_series.{m[1]}.{m[2]}"
+        else:
+            raise AssertionError(f"no v1 name for {k}")
+        out[new] = v
+    return out
+
+
+def to_deformable_detr(state: dict[str, torch.Tensor], extra_seed: int = 1) -> dict[str, torch.Tensor]:
+    """Test-only inverse: ISDA -> official Deformable DETR names (91-row class head at the COCO ids, a random
+    box head; ISDA's own modules left out)."""
+    out = {}
+    g = torch.Generator().manual_seed(extra_seed)
+    for k, v in state.items():
+        if k.startswith(("backbone.neck.lateral.0.", "mask_features.", "kernel_head.", "class_embed.")):
+            continue
+        if k.startswith("backbone.body."):
+            new = "backbone.0.body." + k[len("backbone.body."):]
+        elif m := re.fullmatch(r"backbone\.neck\.lateral\.(\d)\.(.+)", k):
+            new = f"input_proj.{int(m[1]) - 1}.{m[2]}"
+        elif m := re.fullmatch(r"backbone\.neck\.extra\.0\.(.+)", k):
+            new = f"input_proj.3.{m[1]}"
+        elif k == "transformer.query_embedding.weight":
+            new = "query_embed.weight"
+        elif m := re.fullmatch(r"transformer\.(encoder|decoder)\.(\d+)\.(.+)", k):
+            rest = m[3].replace("ffn.0.", "linear1.").replace("ffn.3.", "linear2.")
+            if m[1] == "decoder":
+                rest = {"norm1": "norm2", "norm2": "norm1"}.get(rest.split(".")[0], rest.split(".")[0]) + \
+                       rest[len(rest.split(".")[0]):]
+            new = f"transformer.{m[1]}.layers.{m[2]}.{rest}"
+        else:
+            new = k
+        out[new] = v
+    w, b = torch.randn(91, 256, generator=g), torch.randn(91, generator=g)
+    w[COCO_CATEGORY_IDS], b[COCO_CATEGORY_IDS] = state["class_embed.weight"], state["class_embed.bias"]
+    box = [torch.randn(256, 256, generator=g), torch.randn(256, generator=g), torch.randn(256, 256, generator=g),
+           torch.randn(256, generator=g), torch.randn(4, 256, generator=g), torch.randn(4, generator=g)]
+    for i in range(6):  # one module, listed once per decoder layer
+        out[f"class_embed.{i}.weight"], out[f"class_embed.{i}.bias"] = w, b
+        for j in range(3):
+            out[f"bbox_embed.{i}.layers.{j}.weight"], out[f"bbox_embed.{i}.layers.{j}.bias"] = box[2 * j], box[2 * j + 1]
+    return out
+
+
+def test_round_trip_istr_v1_bit_identical(tmp_path):
+    codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True)
+    a = istr.create_model("istr_r50_fpn_pca60", codec=codec, image_pool_padding=True)
+    values = pooled({k: list(v.shape) for k, v in a.state_dict().items() if k != "codec.fitted"}, seed=3)
+    a.load_state_dict({**values, "codec.fitted": torch.tensor(True)})
+    torch.save({"model": to_istr_v1(values), "iteration": 0}, tmp_path / "v1.pth")
+    b, report = convert(tmp_path / "v1.pth", "istr-v1")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a, b = small(a).eval(), small(b).eval()
+    with torch.no_grad():
+        oa, ob = a([image(5)], all_stages=True), b([image(5)], all_stages=True)
+    for stage_a, stage_b in zip(oa, ob):
+        for key in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(stage_a[0][key], stage_b[0][key]), key
+
+
+def test_round_trip_deformable_detr_bit_identical(tmp_path):
+    a = istr.create_model("isda_r50")
+    values = pooled({k: list(v.shape) for k, v in a.state_dict().items()}, seed=4)
+    a.load_state_dict(values)
+    torch.save({"model": to_deformable_detr(values), "epoch": 1}, tmp_path / "dd.pth")
+    b, report = convert(tmp_path / "dd.pth", "deformable-detr")
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in report.fresh:  # ISDA's own modules (not in the source): taken from the model that was exported
+        sb[k] = sa[k]
+    b.load_state_dict(sb)
+    assert all(torch.equal(sa[k], b.state_dict()[k]) for k in sa)
+    a, b = small(a).eval(), small(b).eval()
+    with torch.no_grad():
+        oa, ob = a([image(6)]), b([image(6)])
+    for key in ("boxes", "scores", "labels", "masks"):
+        assert torch.equal(oa[0][key], ob[0][key]), key
+
+
+# ---------------------------------------------------------------------------------------------------- pixels
+def hand_image() -> np.ndarray:
+    """A 32 x 48 RGB uint8 image with distinct values per channel (HWC, as a decoded file)."""
+    y, x = np.mgrid[0:32, 0:48]
+    return np.stack([(7 * x + 3 * y) % 256, (5 * y + 11) % 256, (x * y) % 256], -1).astype(np.uint8)
+
+
+def normalised(model, rgb_uint8: np.ndarray) -> torch.Tensor:
+    """The model's own normalised input for an image it does not resize."""
+    model.transform.min_size, model.transform.max_size = min(rgb_uint8.shape[:2]), max(rgb_uint8.shape[:2])
+    img = torch.from_numpy(rgb_uint8).permute(2, 0, 1).float() / 255
+    batch, sizes = model.transform.eval()([img])
+    assert sizes == [rgb_uint8.shape[:2]]
+    return batch[0, :, : sizes[0][0], : sizes[0][1]]  # without the padding to a multiple of 32
+
+
+def test_preprocessing_matches_detectron2_rgb(v1):
+    """Authors' config: RGB 0..255, (x - PIXEL_MEAN) / PIXEL_STD; the converted model normalises to the same tensor."""
+    model, report = v1.model, v1.report
+    rgb = hand_image()
+    d2 = (rgb.astype(np.float64) - np.array([123.675, 116.280, 103.530])) / np.array([58.395, 57.120, 57.375])
+    ours = normalised(model, rgb)
+    np.testing.assert_allclose(ours.permute(1, 2, 0).double().numpy(), d2, rtol=0, atol=2e-5)
+    assert "RGB" in report.conventions[0]
+
+
+def test_preprocessing_bgr_caffe_style_flips_first_conv(v1):
+    """A BGR caffe-style detectron2 checkpoint (mean (103.53, 116.28, 123.675), std 1): the converted model,
+    fed RGB [0, 1], gives the source's normalised tensor (channels reversed) and the same first-conv output."""
+    src = v1.src
+    mean_bgr = (103.530, 116.280, 123.675)
+    model, report = convert(v1.ckpt, "istr-v1", input_format="BGR", pixel_mean=mean_bgr,
+                            pixel_std=(1.0, 1.0, 1.0))
+    rgb = hand_image()
+    bgr = rgb[..., ::-1].astype(np.float64)
+    d2 = torch.from_numpy((bgr - np.array(mean_bgr)).copy()).permute(2, 0, 1).float()  # detectron2's input, BGR
+    ours = normalised(model, rgb)  # RGB order
+    torch.testing.assert_close(ours, d2.flip(0), rtol=0, atol=1e-4)
+    w_src = src["backbone.bottom_up.stem.conv1.weight"]
+    out_src = F.conv2d(d2[None], w_src, stride=2, padding=3)
+    out_ours = model.backbone.body.conv1(ours[None])
+    torch.testing.assert_close(out_ours, out_src, rtol=1e-5, atol=1e-4)
+    assert torch.equal(model.backbone.body.conv1.weight, w_src.flip(1))
+    assert "flipped BGR -> RGB" in report.conventions[0]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def truncated(path: Path, out: Path) -> Path:
+    data = path.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(v1, dd, tmp_path):
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        convert(tmp_path / "missing.pth", "istr-v1", out=out)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        convert(truncated(v1.ckpt, tmp_path / "half.pth"), "istr-v1", out=out)
+    with pytest.raises(ValueError, match="Deformable DETR checkpoint.*deformable-detr"):
+        convert(dd.ckpt, "istr-v1", out=out)
+    with pytest.raises(ValueError, match="detectron2 checkpoint.*istr-v1"):
+        convert(v1.ckpt, "deformable-detr", out=out)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "plain.pth")  # a bare torchvision state dict
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        convert(tmp_path / "plain.pth", "deformable-detr", out=out)
+    torch.save({"meta": {"mmdet_version": "2.17"}, "state_dict": {"backbone.conv1.weight": torch.zeros(1)}},
+               tmp_path / "mmdet.pth")
+    with pytest.raises(ValueError, match="mmdetection"):
+        convert(tmp_path / "mmdet.pth", "deformable-detr", out=out)
+    with pytest.raises(ValueError, match="source must be one of"):
+        convert(v1.ckpt, "detr", out=out)
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_pca_file_checked(v1, tmp_path):
+    src = v1.src
+    comp, mean, var = src["mask_encoding.components"], src["mask_encoding.means"], src["mask_encoding.explained_variances"]
+
+    def npz(name, c, m, v):
+        np.savez(tmp_path / name, components_c=c.numpy()[None], mean_c=m.numpy()[None],
+                 ratio_c=(v / v.sum()).numpy()[None], explained_variance_c=v.numpy()[None])
+        return tmp_path / name
+
+    out = tmp_path / "m.safetensors"
+    good = npz("pca60.npz", comp, mean, var)
+    with pytest.raises(ValueError, match="l=40 components.*60-d"):
+        convert(v1.ckpt, "istr-v1", pca_path=npz("pca40.npz", comp[:40], mean, var[:40]), out=out)
+    with pytest.raises(ValueError, match="does not match the PCA stored"):
+        convert(v1.ckpt, "istr-v1", pca_path=npz("other.npz", comp.flip(0), mean, var), out=out)
+    with pytest.raises(ValueError, match="not a readable PCA"):
+        convert(v1.ckpt, "istr-v1", pca_path=truncated(good, tmp_path / "h.npz"), out=out)
+    np.savez(tmp_path / "pca112.npz", components_c=np.zeros((1, 60, 112 * 112), np.float32),
+             mean_c=np.zeros((1, 112 * 112), np.float32), explained_variance_c=np.ones((1, 60), np.float32))
+    with pytest.raises(ValueError, match="28x28"):
+        convert(v1.ckpt, "istr-v1", pca_path=tmp_path / "pca112.npz", out=out)
+    assert not out.exists()
+    # a checkpoint without its stored PCA takes it from the file, and needs it
+    no_pca = {k: v for k, v in src.items() if not k.startswith("mask_encoding.")}
+    torch.save({"model": no_pca}, tmp_path / "nopca.pth")  # (views into the pools: they are saved whole)
+    with pytest.raises(ValueError, match="stores no PCA"):
+        convert(tmp_path / "nopca.pth", "istr-v1", out=out)
+    model, report = convert(tmp_path / "nopca.pth", "istr-v1", pca_path=good)  # (the file, checked, fits too)
+    assert torch.equal(model.codec.components, comp) and report.filled["codec.components"] == "PCA file: components_c"
+    assert "<pca file: ratio_c>" in report.dropped
+
+
+def test_other_layouts_named(tmp_path):
+    def v2(sd):  # ISTR v2: the mask branch is a RoI conv head with BN
+        for i in range(6):
+            sd[f"head.head_series.{i}.mask_module.0.weight"] = torch.zeros(256, 256, 4, 4)
+            sd[f"head.head_series.{i}.mask_module.1.running_mean"] = torch.zeros(256)
+
+    istr_v1_checkpoint(tmp_path / "v2.pth", edit=v2, values=False)
+    with pytest.raises(ValueError, match="ISTR v2"):
+        convert(tmp_path / "v2.pth", "istr-v1")
+
+    def refine(sd):
+        for k in [k for k in sd if k.startswith("bbox_embed.")]:
+            sd["transformer.decoder." + k] = sd[k]
+
+    dd_checkpoint(tmp_path / "refine.pth", edit=refine, values=False)
+    with pytest.raises(ValueError, match="box refinement"):
+        convert(tmp_path / "refine.pth", "deformable-detr")
+
+    def two_stage(sd):
+        del sd["query_embed.weight"], sd["transformer.reference_points.weight"], sd["transformer.reference_points.bias"]
+        sd["transformer.enc_output.weight"], sd["transformer.pos_trans.weight"] = torch.zeros(256, 256), torch.zeros(512, 512)
+
+    dd_checkpoint(tmp_path / "two.pth", edit=two_stage, values=False)
+    with pytest.raises(ValueError, match="two-stage"):
+        convert(tmp_path / "two.pth", "deformable-detr")
+    dd_checkpoint(tmp_path / "dc5.pth", args={"dilation": True}, values=False)  # the stored args are checked too
+    with pytest.raises(ValueError, match="dilation=True"):
+        convert(tmp_path / "dc5.pth", "deformable-detr")
+
+
+# ---------------------------------------------------------------------------------------------------- init + CLI
+def test_load_init_from_source_and_from_model_file(v1, dd):
+    src = dd.src
+    model = istr.create_model("isda_r50", num_classes=20)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("class_embed.", "kernel_head."))}
+    report = load_init(model, dd.ckpt)
+    state = model.state_dict()
+    assert report.source == "deformable-detr"
+    assert torch.equal(state["transformer.level_embed"], src["transformer.level_embed"])
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # 20 classes: class head kept, ISDA parts kept
+    assert "class_embed.weight" in report.fresh
+    # a converted ISTR model file into an ISTR of 20 classes: everything but the class logits layers
+    target = istr.create_model("istr_r50_fpn_pca60", num_classes=20,
+                               codec=istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True))
+    report = load_init(target, v1.file)
+    assert set(report.fresh) == {f"stages.{i}.class_branch.9.{p}" for i in range(6) for p in ("weight", "bias")}
+    assert target.codec.is_fitted
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_init(istr.create_model("isda_tiny"), dd.ckpt)
+
+
+def test_cli_main(dd, tmp_path, capsys):
+    code = cli_main([str(dd.ckpt), "--from", "deformable-detr", "--out", str(tmp_path / "i.safetensors"),
+                     "--report", str(tmp_path / "r.json")])
+    assert code == 0 and (tmp_path / "i.safetensors").is_file()
+    assert "freshly initialised" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["source"] == "deformable-detr"
+    code = cli_main([str(dd.ckpt), "--from", "istr-v1", "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "istr convert: error:" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
