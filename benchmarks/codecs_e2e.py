@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "attn_multihead": {"model": {"attention": "multihead"}},
 }
 CODEC_VARIANTS = ["pca60", "ae60", "dct60", "identity784"]
+PRESET = "istr_tiny"  # every row is this preset with its demo settings (istr.demo.demo_settings) and one change
 
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -47,8 +48,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import istr
-    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, build_demo_model
-    from istr.engine import TrainConfig, Trainer, coco_mask_grids, evaluate
+    from istr.demo import DEMO_DATA, build_demo_model, demo_settings, demo_train_config
+    from istr.engine import Trainer, coco_mask_grids, evaluate
 
     torch.set_num_threads(args.threads)
     spec = {"codec": VARIANTS["pca60"]["codec"], **VARIANTS[name]}
@@ -65,26 +66,20 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     fit_kwargs = {"progress": False, "seed": seed} if codec_name == "autoencoder" else {}
     codec.fit(grids, **fit_kwargs)
     fit_seconds = time.perf_counter() - t0
-    val_grids = coco_mask_grids(val_ann, codec.mask_size)
-    with torch.no_grad():
-        recon = codec.decode(codec.encode(val_grids))
-    inter = ((recon >= 0.5) & (val_grids >= 0.5)).flatten(1).sum(1).float()
-    union = ((recon >= 0.5) | (val_grids >= 0.5)).flatten(1).sum(1).float().clamp(min=1)
+    recon_iou = codec.reconstruction_iou(coco_mask_grids(val_ann, codec.mask_size))
     size = data_cfg["image_size"]
-    model_cfg = {**DEMO_MODEL, "min_size": size, "max_size": size, **spec.get("model", {})}
-    model, train_set, val_set = build_demo_model(data_dir, codec, model_cfg, DEMO_TRAIN["flip"], seed)
-    iters = args.iters or DEMO_TRAIN["iters"]
-    cfg = TrainConfig(lr=DEMO_TRAIN["lr"], backbone_lr_mult=DEMO_TRAIN["backbone_lr_mult"],
-                      batch_size=DEMO_TRAIN["batch_size"], max_iters=iters, warmup_iters=DEMO_TRAIN["warmup_iters"],
-                      milestones=(int(DEMO_TRAIN["decay_at"] * iters),), gamma=DEMO_TRAIN["gamma"],
-                      clip_grad_norm=DEMO_TRAIN["clip_grad_norm"], seed=seed, checkpoint_every=0, log_every=50,
-                      progress=False, device="cpu", eval_at_end=False)
+    train = demo_settings(PRESET)["train"]
+    model_cfg = {"codec": codec, "min_size": size, "max_size": size, **spec.get("model", {})}
+    model, train_set, val_set = build_demo_model(data_dir, PRESET, model_cfg, train["flip"], seed)
+    iters = args.iters or train["iters"]
+    cfg = demo_train_config(train, iters, seed=seed, checkpoint_every=0, log_every=50, progress=False, device="cpu",
+                            eval_at_end=False)
     result = Trainer(model, train_set, cfg, out_dir=Path(args.work) / f"{name}_s{seed}", overwrite=True).train()
     metrics = evaluate(model, val_set, progress=False)
     return {"variant": name, "seed": seed, "codec": {"name": codec_name, **codec_kwargs},
             "model_overrides": spec.get("model", {}), "mask_AP": metrics["segm"]["AP"],
             "mask_AP50": metrics["segm"]["AP50"], "mask_AP75": metrics["segm"]["AP75"], "box_AP": metrics["bbox"]["AP"],
-            "reconstruction_iou": float((inter / union).mean()), "codec_fit_seconds": round(fit_seconds, 1),
+            "reconstruction_iou": recon_iou, "codec_fit_seconds": round(fit_seconds, 1),
             "iterations": result.iterations, "seconds_per_iter": round(result.elapsed_s / max(result.iterations, 1), 3)}
 
 
@@ -155,13 +150,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     from istr.data import make_synthetic_coco
-    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, HALF_WIDTH_RESNET18, machine_info
+    from istr.demo import DEMO_DATA, demo_settings, machine_info
+
+    demo = demo_settings(PRESET)
 
     data_dir = work / "data_easy"
     if not (data_dir / "done").is_file():
         make_synthetic_coco(data_dir, **DEMO_DATA["easy"])
         (data_dir / "done").write_text("1")
-    iters = args.iters or DEMO_TRAIN["iters"]
+    iters = args.iters or demo["train"]["iters"]
     done = {(n, s): json.loads((work / f"{n}_s{s}.json").read_text()) for n in args.variants for s in args.seeds
             if (work / f"{n}_s{s}.json").is_file()}
     stale = [f"{n}_s{s} ({row['iterations']} steps)" for (n, s), row in done.items() if row["iterations"] != iters]
@@ -196,12 +193,12 @@ def main() -> None:
     plot(rows, args.variants, out / f"{args.name}.png")
     iters = rows[0]["iterations"] if rows else "?"
     mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
-    width = "half-width " if DEMO_MODEL.get("timm_kwargs") == HALF_WIDTH_RESNET18 else ""
+    width = "half-width " if "timm_kwargs" in demo["model"] else ""
     md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py {'' if args.name == 'codecs_e2e' else f'--name {args.name} '}--variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
-istr_tiny with the demo's settings (`istr.demo.DEMO_MODEL`: {DEMO_MODEL['num_queries']} queries, {width}ResNet-18;
-{iters} steps of 8 images, denoising x{DEMO_MODEL['denoising_groups']}), one change per row, evaluated on the
+{PRESET} with its demo settings (`istr.demo.demo_settings("{PRESET}")`: {demo['model']['num_queries']} queries, {width}ResNet-18;
+{iters} steps of 8 images, denoising x{demo['model']['denoising_groups']}), one change per row, evaluated on the
 {DEMO_DATA['easy']['num_val']} validation images. Values in %: mean over seeds (per-seed values).
 
 | variant | mask AP | mask AP50 | mask AP75 | box AP | codec reconstruction IoU (val masks) |

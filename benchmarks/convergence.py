@@ -3,7 +3,7 @@
     python benchmarks/convergence.py --out runs/convergence --iters 1500 --eval-every 250 --device cuda \
         --variants base lr1e-3 b4
 
-Each variant is the demo's settings on the hard data (istr.demo.DEMO_DATA["hard"] / DEMO_MODEL / DEMO_TRAIN) with
+Each variant is the demo's settings on the hard data (istr.demo.DEMO_DATA["hard"] / demo_settings("istr_tiny")) with
 overrides from VARIANTS (the easy data: a "data" override {"difficulty": "easy", "image_size": 96, ...});
 each runs in its own process (--jobs at a time) with a fixed iteration count, so a GPU can say in minutes which
 settings learn fastest per iteration; `--time-cpu` instead times a few CPU iterations of each variant (what one
@@ -54,13 +54,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def merged(name: str, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN
+    from istr.demo import DEMO_DATA, demo_settings
 
+    demo = demo_settings("istr_tiny")
     over = {**VARIANTS.get(name, {})}
     for part, values in (extra or {}).items():
         over[part] = {**over.get(part, {}), **values}
-    return {"data": {**DEMO_DATA["hard"], **over.get("data", {})}, "model": {**DEMO_MODEL, **over.get("model", {})},
-            "train": {**DEMO_TRAIN, **over.get("train", {})}}
+    return {"data": {**DEMO_DATA["hard"], **over.get("data", {})}, "model": {**demo["model"], **over.get("model", {})},
+            "train": {**demo["train"], **over.get("train", {})}}
 
 
 def dataset(root: Path, data_cfg: dict[str, Any]) -> Path:
@@ -78,11 +79,10 @@ def dataset(root: Path, data_cfg: dict[str, Any]) -> Path:
 
 def build(cfg: dict[str, dict[str, Any]], data_dir: Path, seed: int):
     """(model, train set, val set) exactly as the demo builds them, from merged settings."""
-    from istr.demo import build_demo_model, fit_demo_codec
+    from istr.demo import build_demo_model
 
-    codec, _ = fit_demo_codec(data_dir / "annotations" / "instances_train.json")
     size = cfg["data"]["image_size"]
-    return build_demo_model(data_dir, codec, {**cfg["model"], "min_size": size, "max_size": size},
+    return build_demo_model(data_dir, "istr_tiny", {**cfg["model"], "min_size": size, "max_size": size},
                             cfg["train"].get("flip", True), seed)
 
 
@@ -143,7 +143,7 @@ def probe(lr: float, args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
     from torch import nn
 
-    from istr.models.head import multiscale_roi_align
+    from istr.models.istr.head import multiscale_roi_align
 
     torch.set_num_threads(args.threads)
     cfg = merged("base", json.loads(args.extra) if args.extra else None)

@@ -70,10 +70,12 @@ def train_in_budget(model: nn.Module, data_dir: Path, out_dir: Path, minutes: fl
                     batch_size: int, seed: int, progress: bool) -> dict[str, Any]:
     """Train `model` for `minutes` with the demo's recipe and a budget-fitted lr decay; evaluate on the val split."""
     from istr.data import CocoInstances, build_transforms
-    from istr.demo import DEMO_TRAIN
+    from istr.demo import demo_settings
     from istr.engine.callbacks import ScheduleToBudget
     from istr.engine.evaluate import evaluate
     from istr.engine.train import TrainConfig, Trainer
+
+    DEMO_TRAIN = demo_settings("istr_tiny")["train"]
 
     train_set = CocoInstances(data_dir / "train", data_dir / "annotations" / "instances_train.json",
                               transforms=build_transforms(True, crop_prob=0.0))
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     from istr.data import make_synthetic_coco
-    from istr.demo import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, build_demo_model, fit_demo_codec, machine_info
+    from istr.demo import DEMO_DATA, build_demo_model, demo_settings, machine_info
+
+    demo = demo_settings("istr_tiny")
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     machine = machine_info()  # before training: the load average tells whether the CPU was shared
@@ -145,13 +149,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (data_dir / "done").is_file():
         make_synthetic_coco(data_dir, **data_cfg)
         (data_dir / "done").write_text(json.dumps(data_cfg))
-    codec, _ = fit_demo_codec(data_dir / "annotations" / "instances_train.json")
     size = data_cfg["image_size"]
-    istr_model, _, _ = build_demo_model(data_dir, codec, {**DEMO_MODEL, "min_size": size, "max_size": size},
-                                        seed=args.seed)
-    istr_run = train_in_budget(istr_model, data_dir, args.out / "istr", args.minutes, DEMO_TRAIN["lr"],
-                               DEMO_TRAIN["backbone_lr_mult"], args.batch_size, args.seed, not args.no_progress)
-    istr_name = f"ISTR (istr_tiny, PCA-60, denoising training x{DEMO_MODEL['denoising_groups']})"
+    istr_model, _, _ = build_demo_model(data_dir, "istr_tiny", {"min_size": size, "max_size": size}, seed=args.seed)
+    istr_run = train_in_budget(istr_model, data_dir, args.out / "istr", args.minutes, demo["train"]["lr"],
+                               demo["train"]["backbone_lr_mult"], args.batch_size, args.seed, not args.no_progress)
+    istr_name = f"ISTR (istr_tiny, PCA-60, denoising training x{demo['model']['denoising_groups']})"
     if args.maskrcnn_from is not None:
         earlier = json.loads(args.maskrcnn_from.read_text())
         if earlier["data"] != data_cfg or earlier["minutes"] != args.minutes:

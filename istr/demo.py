@@ -173,6 +173,7 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
           f"load average {machine.get('load_average_1m')})" + (f", at most {minutes:g} min" if minutes else ""))
     trainer = Trainer(net, train_set, cfg, val_dataset=val_set if eval_every else None, out_dir=out / "train",
                       callbacks=[StepTimer()], overwrite=True)
+    cfg = trainer.cfg  # resolved: what the demo's settings leave unset comes from the preset's recipe
     result = trainer.train()
     t_train = time.perf_counter()
 
