@@ -38,7 +38,7 @@ from istr.registry import Registry
 __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
            "load_model", "find_model_file", "check_state_dict", "config_mismatches", "latest_checkpoint",
            "list_checkpoints", "MODEL_FILE", "STATE_FILE", "LAST_FILE", "CorruptFileError", "load_torch_file",
-           "check_format_version", "metadata_json", "CHECKSUMS_KEY"]
+           "check_format_version", "metadata_json", "CHECKSUMS_KEY", "save_torch_file"]
 
 ARCHITECTURES = Registry("model architecture")
 
@@ -174,9 +174,12 @@ def read_safetensors(path: str | Path, kind: str, map_location: str | torch.devi
     return meta, tensors
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      what: str = "safetensors file") -> None:
     """Write a safetensors file atomically with ordinary permissions (istr.fileio.atomic_save), with the CRC-32 of
-    every tensor and of the metadata stored under metadata["checksums"] (read_safetensors verifies them)."""
+    every tensor and of the metadata stored under metadata["checksums"] (read_safetensors verifies them).
+    A device without room for it raises istr.fileio.DiskFullError naming `what`, the path and the space needed,
+    before writing when the free space is known to be short, and leaves no partial file in any case."""
     from safetensors.torch import save_file
 
     if CHECKSUMS_KEY in metadata:
@@ -185,7 +188,29 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     checksums = {"algorithm": "crc32", "metadata": _metadata_crc(metadata),
                  "tensors": {k: _tensor_crc(v) for k, v in tensors.items()}}
     metadata = {**metadata, CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    size += len(json.dumps(metadata)) + 120 * len(tensors) + 8  # the JSON header: metadata, names, shapes, offsets
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), size=size, what=what)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors inside nested dicts/lists/tuples (what torch.save will write, give or take its headers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_torch_file(obj: Any, path: str | Path, what: str = "file") -> Path:
+    """torch.save(obj) to `path` atomically (istr.fileio.atomic_save): readers see the old file or the complete new
+    one, never a torn one; a device without room raises DiskFullError naming `what`, the path and the space needed
+    (before writing when the free space is known to be short) and leaves no partial file. load_torch_file reads it
+    back verified."""
+    size = _tensor_bytes(obj) + 64 * 1024  # pickled structure and zip records
+    return atomic_save(path, lambda tmp: torch.save(obj, tmp), size=size, what=what)
 
 
 def load_torch_file(path: str | Path, kind: str = "file", map_location: str | torch.device = "cpu") -> Any:
@@ -232,7 +257,7 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         categories = getattr(model, "categories", None)
         if categories is not None:
             meta["categories"] = json.dumps(categories)
-    write_safetensors(path, tensors, meta)
+    write_safetensors(path, tensors, meta, what="model file")
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:

@@ -114,7 +114,7 @@ class MaskCodec(nn.Module):
         self._check_fitted("save")
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "codec": self.codec_name,
                 "config": json.dumps(self.config())}
-        write_safetensors(path, self.state_dict(), meta)
+        write_safetensors(path, self.state_dict(), meta, what="codec file")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
