@@ -509,8 +509,8 @@ def _add_data_args(p: argparse.ArgumentParser, splits: Sequence[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="istr", description="Instance segmentation with transformers (ISTR, ISDA "
-                                     "and registered families): fit codecs, train, evaluate, predict, and run the "
+    parser = argparse.ArgumentParser(prog="istr", description="Instance segmentation with transformers (every "
+                                     "registered model family): fit codecs, train, evaluate, predict, and run the "
                                      "CPU demo.")
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

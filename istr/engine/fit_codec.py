@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from istr.codecs import MaskCodec, create_codec
 from istr.data.grids import coco_mask_grids

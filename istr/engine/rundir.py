@@ -12,19 +12,16 @@ File names come from istr.io (MODEL_FILE, STATE_FILE, LAST_FILE), which load_mod
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
-import socket
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from istr.fileio import atomic_write_bytes, read_json
+from istr.engine.runlock import RunLock, RunLockedError
 from istr.io import LAST_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
 
 __all__ = ["RunDir", "RunLock", "RunLockedError", "RUN_RECORD", "LOG_FILE", "CHECKPOINTS", "write_error"]
@@ -35,10 +32,6 @@ RUN_RECORD, LOG_FILE, CHECKPOINTS = "run.json", "log.jsonl", "checkpoints"
 CONFIG_FILE, RESULT_FILE, LOCK_FILE = "train_config.json", "train_result.json", ".lock"
 # what a training run writes (removed together by --overwrite / overwrite=True, so no stale file survives)
 RUN_OUTPUTS = (LOG_FILE, MODEL_FILE, RESULT_FILE, CONFIG_FILE, CHECKPOINTS, RUN_RECORD)
-
-
-class RunLockedError(RuntimeError):
-    """Another live process writes this run folder (its PID and host are in the message)."""
 
 
 def write_error(path: str | Path, needed_bytes: int | None, exc: BaseException) -> OSError | None:
@@ -76,98 +69,6 @@ def _os_error(code: int, message: str) -> OSError:
 
 def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 2 ** 20:.1f} MB"
-
-
-@dataclass(frozen=True)
-class _Holder:
-    pid: int
-    host: str
-    started: str
-
-    def __str__(self) -> str:
-        return f"PID {self.pid} on host {self.host}, started {self.started}"
-
-
-class RunLock:
-    """An exclusive lock on a run folder: RUN/.lock holds {"pid", "host", "started"} of the writer, and an
-    fcntl.flock on it lives exactly as long as the process (a crashed run leaves the file but not the flock:
-    the next writer detects the stale lock and reports whose it was). release() (or leaving `with`) frees it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> "RunLock":
-        if self._fd is not None:
-            return self
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):  # the file may be removed between open and flock by a releasing holder: retry
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                holder = read_lock(self.path)
-                raise RunLockedError(
-                    f"{self.path.parent} is being written by a live run ({holder or 'holder unknown'}); wait for it "
-                    "to finish or stop it, or choose another output directory") from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                break
-            os.close(fd)
-        else:  # pragma: no cover - only under a storm of concurrent writers
-            raise RunLockedError(f"could not lock {self.path}: other processes keep taking it")
-        stale = _parse_holder(os.read(fd, 4096))
-        if stale is not None and (stale.pid, stale.host) != (os.getpid(), socket.gethostname()):
-            logger.warning("%s: took over a stale lock of a run that is no longer alive (%s)", self.path, stale)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(record) + "\n").encode())
-        os.fsync(fd)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # unlink first: a waiting writer that opened the old file rechecks the inode
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-    def __del__(self) -> None:  # pragma: no cover - a forgotten lock dies with its object
-        with contextlib.suppress(Exception):
-            self.release()
-
-
-def _parse_holder(raw: bytes) -> _Holder | None:
-    try:
-        d = json.loads(raw.decode("utf-8"))
-        return _Holder(int(d["pid"]), str(d["host"]), str(d.get("started", "?")))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None
-
-
-def read_lock(path: Path) -> _Holder | None:
-    """Who holds (or held) the lock file at `path`, or None when it is absent or unreadable."""
-    try:
-        return _parse_holder(Path(path).read_bytes())
-    except OSError:
-        return None
 
 
 class RunDir:
@@ -296,6 +197,20 @@ class RunDir:
             removed.append(name)
         return removed
 
+    def prepare(self, resumed: bool = False, overwrite: bool = False) -> None:
+        """Before a run writes here: take the writer lock; refuse a previous run's outputs unless the run resumes it
+        or overwrite=True (which deletes all of them, so nothing stale survives); create the folders and prove they
+        are writable."""
+        self.lock()
+        previous = self.previous_run()
+        if previous and not resumed and not overwrite:
+            raise FileExistsError(f"{self.root} holds a previous run ({', '.join(previous)}): resume it "
+                                  "(resume=True, istr train --resume) or start over in it (overwrite=True, "
+                                  "istr train --overwrite), or choose another output directory")
+        if overwrite and not resumed:
+            self.clear()
+        self.check_writable()
+
     def check_writable(self) -> None:
         """Create the folder and checkpoints/ and prove a file can be written in each; PermissionError naming the
         folder otherwise."""
@@ -325,23 +240,8 @@ class RunDir:
 
     def check_not_locked(self) -> None:
         """RunLockedError when a live process (not this RunDir) writes the folder; nothing is taken or changed."""
-        if self._lock.held or not self.lock_file.exists():
-            return
-        probe = RunLock(self.lock_file)
-        import fcntl
-
-        try:
-            fd = os.open(self.lock_file, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            holder = read_lock(probe.path)
-            raise RunLockedError(f"{self.root} is being written by a live run ({holder or 'holder unknown'}); wait "
-                                 "for it to finish or stop it, or choose another output directory") from None
-        finally:
-            os.close(fd)
+        if not self._lock.held:
+            self._lock.check_free()
 
     # ------------------------------------------------------------------------------------------------ run record
     def read_record(self) -> dict[str, Any]:

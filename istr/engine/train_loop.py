@@ -1,5 +1,7 @@
 """The train loop: Trainer (model, data order, optimizer step, lr schedule, grad clip, finite checks, exact resume).
 
+Over 400 lines as one job: the Trainer class is the loop and the state that makes it resumable exactly (what a
+checkpoint holds and how a resume restores and checks it must be read next to the step that produces it).
 What happens around the steps (log file, progress bar, signals, periodic checkpoints and evaluations, the time
 budget, the end of the run, checkpoints on errors) is done by hooks: istr.engine.hooks and istr.engine.callbacks.
 The run folder's layout and its writer lock belong to istr.engine.rundir.RunDir.
@@ -18,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from istr.engine import checkpoint as ckpt
 from istr.engine import distributed as dist_utils
@@ -29,6 +31,8 @@ from istr.engine.fingerprint import compare_fingerprints, dataset_fingerprint
 from istr.engine.optim import build_optimizer, build_scheduler, param_groups
 from istr.engine.rundir import RunDir
 from istr.engine.sampler import ResumableBatchSampler, SeededDataset
+from istr.engine.train_data import (IndexedCollate, adopt_categories, check_dataset_files, default_collate, to_device,
+                                    val_paths)
 from istr.errors import NonFiniteError
 from istr.io import save_model
 
@@ -56,31 +60,8 @@ class TrainResult:
     eval_s: float = 0.0  # time spent evaluating, periodic and final
 
 
-def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets
-
-
-def _default_collate(batch):
-    from istr.data import collate_fn
-
-    return collate_fn(batch)
-
-
-class _IndexedCollate:
-    """Collate (dataset index, sample) pairs: (indices, collate_fn(samples)), so errors can name the images."""
-
-    def __init__(self, collate_fn: Callable) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, batch):
-        return [i for i, _ in batch], self.collate_fn([sample for _, sample in batch])
-
-
 class Trainer:
-    """Trains a model: `model(images, targets)` returns a dict of scalar losses with "loss" (ISTR, ISDA, ...).
+    """Trains a model: `model(images, targets)` returns a dict of scalar losses with "loss" (any family).
 
     Under torchrun (WORLD_SIZE > 1) the process group is joined from the environment, the model is wrapped in
     DistributedDataParallel, each rank reads its DistributedSampler share, and only rank 0 writes files.
@@ -119,7 +100,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.val_dataset = val_dataset
         self.train_dataset = train_dataset
-        _adopt_categories(model, train_dataset)
+        adopt_categories(model, train_dataset)
         cfg = self.cfg
         self.hooks: list[Callback] = [run_hooks.LogWriter(), run_hooks.ProgressBar(), run_hooks.SignalHandler(),
                                       run_hooks.EndOfRun(), run_hooks.CheckpointOnError(),
@@ -141,7 +122,7 @@ class Trainer:
                                                    rank=self.dist.rank, world_size=self.dist.world_size,
                                                    shuffle=cfg.shuffle, drop_last=True)
         self.loader = DataLoader(SeededDataset(train_dataset), batch_sampler=self.batch_sampler,
-                                 collate_fn=_IndexedCollate(collate_fn or _default_collate),
+                                 collate_fn=IndexedCollate(collate_fn or default_collate),
                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                                  pin_memory=self.device.type == "cuda",
                                  # own generator: creating an iterator must not draw from the global RNG
@@ -327,18 +308,10 @@ class Trainer:
         it with overwrite=True), fail now if it is not writable, and write the run record."""
         if not self.is_main:
             return
-        self.rundir.lock()
-        previous = self.rundir.previous_run()
-        if previous and not self._resumed and not self.overwrite:
-            raise FileExistsError(f"{self.out_dir} holds a previous run ({', '.join(previous)}): resume it "
-                                  "(resume=True, istr train --resume) or start over in it (overwrite=True, "
-                                  "istr train --overwrite), or choose another output directory")
-        if self.overwrite and not self._resumed:
-            self.rundir.clear()  # every output of the old run, run.json included: nothing stale survives
-        self.rundir.check_writable()
+        self.rundir.prepare(resumed=self._resumed, overwrite=self.overwrite)
         self.rundir.write_json(self.rundir.config_file, config_dict(self.cfg))
         record = {"config": config_dict(self.cfg), "config_sources": self.config_sources, "recipe": self.recipe,
-                  "train_data": self.data_fingerprint, **_val_paths(self.val_dataset)}
+                  "train_data": self.data_fingerprint, **val_paths(self.val_dataset)}
         self.rundir.update_record(fresh=not self._resumed, **record)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
@@ -399,7 +372,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for k in range(cfg.accum_steps):
             images, targets = self._next_batch()
-            images, targets = _to_device(images, targets, self.device)
+            images, targets = to_device(images, targets, self.device)
             sync = (self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel)
                     and k < cfg.accum_steps - 1 else contextlib.nullcontext())
             with sync:
@@ -478,7 +451,7 @@ class Trainer:
         cfg = self.cfg
         try:
             self._prepare_run_dir()
-            _check_dataset_files(self.train_dataset)
+            check_dataset_files(self.train_dataset)
             self._t_start, self.eval_seconds = time.perf_counter(), 0.0
             self.saved_at = self.iteration if self.last_checkpoint is not None else -1
             self.evaluated_at = -1
@@ -508,38 +481,3 @@ class Trainer:
             return result
         finally:
             self.rundir.unlock()
-
-
-def _val_paths(dataset: Any) -> dict[str, str]:
-    """{"val_images", "val_ann"} of a COCO validation set (istr eval RUN reads them), else {}."""
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    images, ann = getattr(base, "image_dir", None), getattr(base, "ann_file", None)
-    if images is None or ann is None:
-        return {}
-    return {"val_images": str(Path(images).resolve()), "val_ann": str(Path(ann).resolve())}
-
-
-def _adopt_categories(model: nn.Module, dataset: Any) -> None:
-    """Give the model the dataset's label -> category mapping (saved with it), refusing a different one."""
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    ids, names = getattr(base, "label_to_category_id", None), getattr(base, "category_names", None)
-    if ids is None or names is None or not hasattr(model, "categories"):
-        return
-    categories = [{"id": int(i), "name": str(n)} for i, n in zip(ids, names)]
-    num_classes = getattr(model, "num_classes", len(categories))
-    if num_classes != len(categories):
-        raise ValueError(f"the model predicts {num_classes} classes but the training set has {len(categories)} "
-                         f"categories: build it with num_classes={len(categories)}")
-    if model.categories is not None and model.categories != categories:
-        raise ValueError("the model's categories differ from the training set's: "
-                         f"model {model.categories[:3]}... vs data {categories[:3]}...")
-    model.categories = categories
-
-
-def _check_dataset_files(dataset: Any) -> None:
-    """Let a dataset that can check its files (CocoInstances.check_files) do so before the first step."""
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    indices = list(dataset.indices) if isinstance(dataset, Subset) else None
-    check = getattr(base, "check_files", None)
-    if callable(check):
-        check(indices)
