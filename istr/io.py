@@ -38,7 +38,8 @@ from istr.registry import Registry
 __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_safetensors", "save_model",
            "load_model", "find_model_file", "check_state_dict", "config_mismatches", "latest_checkpoint",
            "list_checkpoints", "MODEL_FILE", "STATE_FILE", "LAST_FILE", "CorruptFileError", "load_torch_file",
-           "check_format_version", "metadata_json", "CHECKSUMS_KEY", "save_torch_file"]
+           "check_format_version", "metadata_json", "CHECKSUMS_KEY", "save_torch_file", "verify_checkpoint",
+           "check_torch_file"]
 
 ARCHITECTURES = Registry("model architecture")
 
@@ -213,16 +214,15 @@ def save_torch_file(obj: Any, path: str | Path, what: str = "file") -> Path:
     return atomic_save(path, lambda tmp: torch.save(obj, tmp), size=size, what=what)
 
 
-def load_torch_file(path: str | Path, kind: str = "file", map_location: str | torch.device = "cpu") -> Any:
-    """torch.load(path, weights_only=True) of a torch.save file (e.g. a checkpoint's trainer_state.pt), with errors
-    that name the file: FileNotFoundError / PermissionError / IsADirectoryError as check_readable_file; a truncated
-    file, one whose bytes no longer match the CRC-32 torch's zip container stores for each record, or one torch
-    cannot read raises CorruptFileError (a ValueError) naming `kind` and the path."""
-    device = check_device(map_location, "map_location")
+def check_torch_file(path: str | Path, kind: str = "file") -> Path:
+    """`path` as a Path after reading every record of a torch.save file and checking it against the CRC-32 its zip
+    container stored when it was written (torch.load checks none). FileNotFoundError / PermissionError /
+    IsADirectoryError as check_readable_file; CorruptFileError (a ValueError) naming `kind` and the path for a
+    truncated or damaged file."""
     path = check_readable_file(path, kind)
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # reads every record and checks its CRC-32 (torch.load checks none)
+            bad = archive.testzip()
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CorruptFileError(f"{kind} {path} is truncated or not a torch.save file ({exc}); it was not written "
                                "completely or was damaged since") from None
@@ -231,6 +231,16 @@ def load_torch_file(path: str | Path, kind: str = "file", map_location: str | to
     if bad is not None:
         raise CorruptFileError(f"{kind} {path} is corrupt: its record {bad!r} does not match the checksum stored "
                                "when it was written; the file was modified or damaged since")
+    return path
+
+
+def load_torch_file(path: str | Path, kind: str = "file", map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(path, weights_only=True) of a torch.save file (e.g. a checkpoint's trainer_state.pt), with errors
+    that name the file: FileNotFoundError / PermissionError / IsADirectoryError as check_readable_file; a truncated
+    file, one whose bytes no longer match the CRC-32 torch's zip container stores for each record, or one torch
+    cannot read raises CorruptFileError (a ValueError) naming `kind` and the path."""
+    device = check_device(map_location, "map_location")
+    path = check_torch_file(path, kind)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError, ... for bad files
@@ -270,15 +280,37 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The checkpoint named by ckpt_root/last (falls back to the newest complete one), or None."""
+    """The checkpoint named by ckpt_root/last (falls back to the newest complete one, with a warning naming the
+    file when `last` cannot be read or is not UTF-8), or None."""
     root = Path(ckpt_root)
     pointer = root / LAST_FILE
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
+        try:
+            name = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            import warnings
+
+            warnings.warn(f"{pointer} is unreadable ({exc}); using the newest complete checkpoint instead",
+                          stacklevel=2)
+            name = ""
+        candidate = root / name
+        if name and "/" not in name and (candidate / STATE_FILE).is_file():
             return candidate
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint directory's files against the checksums stored when they were written, without loading
+    them into a model: its model file's tensors and metadata (read_safetensors) and every record of its training
+    state (the torch.save zip's CRC-32s). CorruptFileError (a ValueError) naming the damaged file,
+    FileNotFoundError when a file is missing. Reads both files once (about a second per GB)."""
+    path = Path(path)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint: {name} is missing")
+    read_safetensors(path / MODEL_FILE, "model")
+    check_torch_file(path / STATE_FILE, "training state")
 
 
 def find_model_file(path: str | Path) -> Path:

@@ -221,3 +221,46 @@ def test_cli_reports_a_corrupt_model_file_in_one_line(model_file, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"model file {bad} is corrupt: the bytes of tensor '{name}'" in err
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_verify_checkpoint_and_an_unreadable_last_pointer(model_file, tmp_path):
+    from istr.io import latest_checkpoint, save_torch_file, verify_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for it in (5, 10):
+        ckpt = root / f"iter_{it:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(model_file.read_bytes())
+        save_torch_file({"format": "istr-trainer-state", "iteration": it, "m": torch.randn(3000)},
+                        ckpt / "trainer_state.pt", "training state")
+        verify_checkpoint(ckpt)
+    (root / "last").write_bytes(b"\xff\xfeiter_0000005\n")  # not UTF-8
+    with pytest.warns(UserWarning, match=r"last is unreadable .*using the newest complete checkpoint"):
+        assert latest_checkpoint(root) == root / "iter_0000010"
+    (root / "last").write_text("iter_0000005\n")
+    assert latest_checkpoint(root) == root / "iter_0000005"
+    with pytest.warns(UserWarning, match="last is unreadable"):
+        (root / "last").write_bytes(b"\x80")
+        assert istr.io.find_model_file(tmp_path) == root / "iter_0000010" / "model.safetensors"  # a run folder
+
+    newest = root / "iter_0000010"
+    raw = bytearray((newest / "trainer_state.pt").read_bytes())
+    with zipfile.ZipFile(newest / "trainer_state.pt") as z:
+        info = next(i for i in z.infolist() if i.file_size >= 12000)
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 50
+    raw[at : at + 4] = b"\x00\x00\xc0\x7f"
+    (newest / "trainer_state.pt").write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match=r"training state .*iter_0000010/trainer_state.pt is corrupt"):
+        verify_checkpoint(newest)
+    _, tensors = _meta_tensors(model_file)
+    name = next(iter(tensors))
+    raw = bytearray(model_file.read_bytes())
+    at = _tensor_offset(model_file, name)
+    raw[at] ^= 0x01  # one bit
+    (root / "iter_0000005" / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match=r"iter_0000005/model.safetensors is corrupt: the bytes of tensor"):
+        verify_checkpoint(root / "iter_0000005")
+    (root / "iter_0000005" / "trainer_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt is missing"):
+        verify_checkpoint(root / "iter_0000005")
