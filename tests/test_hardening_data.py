@@ -147,6 +147,29 @@ def test_reader_policy_and_errors(messy_coco):
         coco_mask_grids(only_bad, 14)
 
 
+def test_a_box_that_misses_its_mask_is_dropped_and_counted(tmp_path, caplog):
+    """A GT box covering no pixel of its mask would give an empty box-cropped target: the dataset and codec fitting
+    drop it, count it and say so (one policy, mask_inside_box)."""
+    Image.fromarray(np.full((40, 50, 3), 100, np.uint8)).save(tmp_path / "a.png")
+    anns = [{"segmentation": _square(5, 5, 10), "bbox": [5, 5, 10, 10]},  # fine
+            {"segmentation": _square(5, 25, 8), "bbox": [35, 2, 10, 10]},  # the box lies away from the mask
+            {"segmentation": _square(20, 20, 10), "bbox": [29.5, 29.5, 5, 5]}]  # touches one mask pixel: kept
+    for i, ann in enumerate(anns, 1):
+        ann.update(id=i, image_id=1, category_id=3, iscrowd=0)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}],
+                                "annotations": anns, "categories": [{"id": 3, "name": "thing"}]}))
+    ds = CocoInstances(tmp_path, path)
+    with caplog.at_level("WARNING"):
+        _, target = ds[0]
+    assert len(target["boxes"]) == 2 and ds.stats["dropped_box_misses_mask"] == 1
+    assert "annotation 2 of image 1: its box [35.0, 2.0, 45.0, 12.0] covers no pixel of its mask" in caplog.text
+    grids, stats = coco_mask_grids(path, 14, return_stats=True)
+    assert stats["dropped_box_misses_mask"] == 1 and len(grids) == stats["masks"] == 2
+    assert float(grids.amax(dim=(1, 2)).min()) > 0  # no all-empty grid reaches the codec
+    assert "1 dropped: box does not cover its mask" in istr.data.describe_stats(stats)
+
+
 # ------------------------------------------------------------------------------------------------ 4. image modes
 def test_load_image_16_bit_and_other_modes(tmp_path):
     values = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)

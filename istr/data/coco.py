@@ -19,7 +19,7 @@ from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
 __all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "image_tensor", "load_coco_json",
-           "read_coco_annotations", "describe_stats", "MAX_IMAGE_PIXELS"]
+           "read_coco_annotations", "describe_stats", "mask_inside_box", "MAX_IMAGE_PIXELS"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def read_coco_annotations(coco: COCO, *, min_box_size: float = 1.0,
     "boxes_from_segmentation"); the box is clipped to the image ("clipped_boxes") and dropped when the clipped box
     is narrower or shorter than min_box_size pixels, or the json box is malformed or empty
     ("dropped_degenerate_boxes"). "instances" counts what is kept. Masks that rasterise empty are found only when
-    rasterised: CocoInstances and coco_mask_grids drop them then ("dropped_empty_masks").
+    rasterised: CocoInstances and coco_mask_grids drop them then ("dropped_empty_masks"), and so are masks with no
+    pixel inside their box (the box-cropped target would be empty: "dropped_box_misses_mask"; mask_inside_box).
     """
     min_box_size = check_number("min_box_size", min_box_size, min=0)
     include_crowd = check_bool("include_crowd", include_crowd)
@@ -308,6 +309,15 @@ def _clip_box(bbox: Any, h: int, w: int, min_box_size: float, stats: dict[str, i
     return box
 
 
+def mask_inside_box(mask: np.ndarray, box: Sequence[float]) -> bool:
+    """Whether a full-image mask [H, W] has a pixel inside `box` (xyxy, pixels the box touches): False means the
+    mask cropped by that box (a model's target, a codec's training grid) is empty."""
+    h, w = mask.shape[-2:]
+    x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    return x1 > x0 and y1 > y0 and bool(mask[..., y0:y1, x0:x1].any())
+
+
 def describe_stats(stats: dict[str, int]) -> str:
     """One line summarising an annotation-reader stats dict (read_coco_annotations, CocoInstances.stats,
     coco_mask_grids(..., return_stats=True)): kept, skipped and dropped counts."""
@@ -316,7 +326,8 @@ def describe_stats(stats: dict[str, int]) -> str:
                       ("clipped_boxes", "boxes clipped to the image"),
                       ("dropped_degenerate_boxes", "dropped: degenerate box"),
                       ("dropped_invalid_segmentations", "dropped: invalid segmentation"),
-                      ("dropped_empty_masks", "dropped: empty mask")):
+                      ("dropped_empty_masks", "dropped: empty mask"),
+                      ("dropped_box_misses_mask", "dropped: box does not cover its mask")):
         if stats.get(key):
             parts.append(f"{stats[key]} {text}")
     return ", ".join(parts)
@@ -374,7 +385,8 @@ class CocoInstances(Dataset):
         self.category_names: list[str] = [str(c["name"]) for c in cats]
 
         self.stats: dict[str, int] = dict.fromkeys(
-            ["images_total", "images", "images_without_annotations", *ANNOTATION_STATS, "dropped_empty_masks"], 0)
+            ["images_total", "images", "images_without_annotations", *ANNOTATION_STATS, "dropped_empty_masks",
+             "dropped_box_misses_mask"], 0)
         self._records = self._build_records()
         self.ids: list[int] = [r["id"] for r in self._records]
         self._report()
@@ -461,6 +473,12 @@ class CocoInstances(Dataset):
                 self.stats["dropped_empty_masks"] += 1
                 logger.warning("%s: annotation %s of image %s rasterises to an empty mask; dropped", self.ann_file,
                                ann["id"], rec["id"])  # fmt: skip
+                continue
+            if not mask_inside_box(mask, ann["box"]):
+                self.stats["dropped_box_misses_mask"] += 1
+                logger.warning("%s: annotation %s of image %s: its box %s covers no pixel of its mask (the "
+                               "box-cropped mask target would be empty); dropped", self.ann_file, ann["id"], rec["id"],
+                               [round(v, 1) for v in ann["box"]])  # fmt: skip
                 continue
             masks.append(mask)
             boxes.append(ann["box"])
