@@ -87,3 +87,31 @@ def test_cli_predict_refuses_a_bomb_in_one_line(small_png, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"image file {bomb} is refused" in err and "89,478,485 pixels" in err
+
+
+def test_dataset_checks_its_images_up_front(tmp_path):
+    from istr.data import CocoInstances, make_synthetic_coco
+
+    data = make_synthetic_coco(tmp_path / "syn", num_train=4, num_val=0, image_size=48, difficulty="easy",
+                               image_format="png")
+    ds = CocoInstances(data["train_images"], data["train_annotations"])
+    ds.check_files(level="decode")  # all good
+    truncated, damaged = ds.image_path(0), ds.image_path(2)
+    raw = truncated.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    raw = bytearray(damaged.read_bytes())
+    at = raw.index(b"IDAT") + 20
+    raw[at : at + 4] = bytes(255 - b for b in raw[at : at + 4])  # inside the compressed pixels: the chunk CRC fails
+    damaged.write_bytes(bytes(raw))
+    ds.check_files()  # level "exists": both are there and not empty
+    for level in ("header", "decode"):
+        with pytest.raises(ValueError, match=r"^2 of 4 image files of .* cannot be used: ") as info:
+            ds.check_files(level=level)
+        assert str(truncated) in str(info.value) and str(damaged) in str(info.value)
+    ds.check_files([1, 3], level="decode")
+    with pytest.raises(ValueError, match=r"level must be one of 'exists', 'header', 'decode'"):
+        ds.check_files(level="full")
+    big = ds.image_path(1)
+    Image.fromarray(np.zeros((50, 48, 3), np.uint8)).save(big)  # not the json's 48 x 48
+    with pytest.raises(ValueError, match=r"1 of 1 image files .*: 50 x 48 \(h x w\) but the json says 48 x 48"):
+        ds.check_files([1], level="header")

@@ -14,7 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from istr.checks import check_bool, check_number
+from istr.checks import check_bool, check_choice, check_number
 from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
@@ -425,12 +425,20 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def check_files(self, indices: Sequence[int] | None = None) -> None:
-        """FileNotFoundError listing the image files (of `indices`, default all) that are missing or empty: a
-        fast existence pass the Trainer runs before its first step, so a missing file does not stop training at
-        an arbitrary iteration."""
+    def check_files(self, indices: Sequence[int] | None = None, level: str = "exists") -> None:
+        """Check the image files (of `indices`, default all) before training, so a bad file does not stop a run at
+        an arbitrary iteration. level:
+        "exists" (default): FileNotFoundError listing the files that are missing or empty (a stat per file);
+        "header": also open each with PIL and read its header: ValueError listing the files PIL cannot identify,
+            whose size differs from the json's or exceeds MAX_IMAGE_PIXELS, or whose structure PIL's verify()
+            finds damaged (PNG chunk CRCs: a fraction of a millisecond per image);
+        "decode": decode every image fully, as training will (load_image; milliseconds per image).
+        The ValueError counts the bad files and names the first three with their reasons.
+        """
+        check_choice("level", level, ("exists", "header", "decode"))
         missing = []
-        for i in range(len(self)) if indices is None else indices:
+        items = list(range(len(self)) if indices is None else indices)
+        for i in items:
             path = self.image_path(i)
             try:
                 if path.stat().st_size == 0:
@@ -440,6 +448,42 @@ class CocoInstances(Dataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} image files of {self.ann_file} are missing or empty under "
                                     f"{self.image_dir}, e.g. {missing[:3]}")
+        if level == "exists":
+            return
+        bad = []
+        for i in items:
+            problem = self._image_problem(i, level == "decode")
+            if problem:
+                bad.append(f"{self.image_path(i)}: {problem}")
+        if bad:
+            raise ValueError(f"{len(bad)} of {len(items)} image files of {self.ann_file} cannot be used: "
+                             + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+
+    def _image_problem(self, index: int, decode: bool) -> str | None:
+        """None when the index-th image file is usable (header level, or fully decoded), else why not."""
+        import warnings
+
+        from PIL import Image
+
+        rec, path = self._records[index], self.image_path(index)
+        if decode:
+            try:
+                self.get_image(index)
+            except (ValueError, OSError) as exc:
+                return " ".join(str(exc).split())
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as pil:
+                    w, h = pil.size
+                    _check_pixels(w, h, f"file {path}")
+                    pil.verify()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files
+            return " ".join(f"{type(exc).__name__}: {exc}".split())
+        if self.check_image_size and (h, w) != (rec["height"], rec["width"]):
+            return f"{h} x {w} (h x w) but the json says {rec['height']} x {rec['width']}"
+        return None
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self._records[index]["file_name"]
