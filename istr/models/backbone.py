@@ -69,20 +69,26 @@ class ChannelMapper(nn.Module):
     Output strides: the input strides, then x2 per extra level."""
 
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], out_channels: int,
-                 extra_levels: int = 1, groups: int = 32) -> None:
+                 extra_levels: int = 1, groups: int = 32, bias: bool = True, first_kaiming: bool = False) -> None:
+        """bias: conv biases (ISDA's neck has none; the default keeps older model files loading); first_kaiming:
+        re-initialise the first level's conv (ISDA's P2, which feeds the mask features) kaiming-normal fan_out after
+        the xavier init of every conv, as ISDA's channel mapper does."""
         super().__init__()
         if out_channels % groups:
             raise ValueError(f"channel_mapper: out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.strides = tuple(in_strides) + tuple(in_strides[-1] * 2 ** (i + 1) for i in range(extra_levels))
-        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1), nn.GroupNorm(groups, out_channels))
-                                     for c in in_channels)
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=bias),
+                                                   nn.GroupNorm(groups, out_channels)) for c in in_channels)
         self.extra = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, 1),
+            nn.Sequential(nn.Conv2d(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, 1, bias=bias),
                           nn.GroupNorm(groups, out_channels)) for i in range(extra_levels))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if first_kaiming:
+            nn.init.kaiming_normal_(self.lateral[0][0].weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = [conv(f) for conv, f in zip(self.lateral, feats)]

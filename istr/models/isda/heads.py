@@ -39,7 +39,10 @@ class MaskFeatureHead(nn.Module):
     """
 
     def __init__(self, in_channels: int = 256, feat_channels: int = 128, out_channels: int = 256,
-                 mask_stride: int = 4, mask_position: bool = True, num_groups: int = 32) -> None:
+                 mask_stride: int = 4, mask_position: bool = True, num_groups: int = 32,
+                 init_std: float | None = 0.01) -> None:
+        """init_std: every conv's weights drawn from N(0, init_std) (ISDA's mask_feat_head init_weights); None keeps
+        PyTorch's default initialisation."""
         super().__init__()
         if mask_stride not in (2, 4, 8):
             raise ValueError(f"mask_stride: expected 2, 4 or 8, got {mask_stride}")
@@ -58,6 +61,10 @@ class MaskFeatureHead(nn.Module):
                 convs.append(_conv_gn_relu(c_in, feat_channels, 3, num_groups))
             self.branches.append(convs)
         self.fuse = _conv_gn_relu(feat_channels, out_channels, 1, num_groups)
+        if init_std is not None:
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, std=init_std)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """features: P2..P5 [N, in_channels, H/s, W/s] for s = 4, 8, 16, 32 -> MFR [N, out_channels, h, w]

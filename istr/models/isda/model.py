@@ -41,13 +41,14 @@ class ISDA(DetectionModel):
     """
 
     renamed_args = {"mask_dim": "kernel_dim"}  # model files written before the rename
-    lr_multipliers = {"sampling_offsets": 0.1, "reference_points": 0.1}  # the reference recipe (x backbone's own)
+    export_head_class = "istr.models.isda.export:ISDAExportHead"  # istr.export's tensor-in / tensor-out graph
 
     def __init__(self, backbone: nn.Module, num_classes: int = 80, *, criterion: nn.Module | None = None,
                  hidden_dim: int = 256, num_queries: int = 300, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
+                 mask_feat_init_std: float | None = 0.01,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -63,10 +64,17 @@ class ISDA(DetectionModel):
         self.transformer = DeformableTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim,
                                                  dropout, num_levels=4, num_points=num_points, num_queries=num_queries)
         self.mask_features = MaskFeatureHead(hidden_dim, mask_feat_dim, kernel_dim, mask_stride, mask_position,
-                                             num_groups)
+                                             num_groups, mask_feat_init_std)
         self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def backbone_lr_names(self) -> set[str]:
+        """The parameters trained at the backbone's lr multiplier: the trunk's only. The neck (channel mapper) trains
+        with the head, as in the authors' recipe (their x0.1 rule matches only the backbone's names)."""
+        trunk = getattr(self.backbone, "body", self.backbone)
+        prefix = "backbone.body." if trunk is not self.backbone else "backbone."
+        return {prefix + name for name, _ in trunk.named_parameters()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,

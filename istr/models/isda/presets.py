@@ -15,13 +15,17 @@ def build_isda(*, num_classes: int = 80, pretrained: bool = False, backbone: str
                checkpoint_path: str | None = None, frozen_bn: bool = False, freeze_at: int = 0,
                timm_kwargs: Mapping[str, Any] | None = None, matcher: nn.Module | None = None,
                criterion: nn.Module | None = None, costs: Mapping[str, float] | None = None,
-               losses: Mapping[str, float] | None = None, codec: None = None, **model_kwargs: Any) -> ISDA:
+               losses: Mapping[str, float] | None = None, codec: None = None,
+               neck_options: Mapping[str, Any] | None = None, **model_kwargs: Any) -> ISDA:
     """Assemble backbone (timm + channel mapper with P6), matcher/criterion (ISDA_COSTS, ISDA_LOSSES) and ISDA.
+    neck_options: channel mapper options (default: the authors', no conv bias and P2 kaiming fan_out).
     codec: accepted only as None (a caller passing the same keywords to every family); ISDA has no codec."""
     if codec is not None or "codec_config" in model_kwargs:
         raise ValueError("ISDA predicts masks directly and takes no codec (codec= / codec_config=)")
     groups = model_kwargs.get("num_groups", 32)
-    neck = {} if not isinstance(backbone, str) else {"neck": "channel_mapper", "neck_kwargs": {"groups": groups}}
+    # the authors' channel mapper: no conv bias, P2's conv kaiming fan_out (neck_options={} for PyTorch's defaults)
+    neck_kwargs = {"groups": groups, **({"bias": False, "first_kaiming": True} if neck_options is None else neck_options)}
+    neck = {} if not isinstance(backbone, str) else {"neck": "channel_mapper", "neck_kwargs": neck_kwargs}
     backbone = backbone_from_options(backbone, out_channels=model_kwargs.get("hidden_dim", 256), pretrained=pretrained,
                                      checkpoint_path=checkpoint_path, frozen_bn=frozen_bn, freeze_at=freeze_at,
                                      timm_kwargs=timm_kwargs, **neck)
@@ -31,11 +35,12 @@ def build_isda(*, num_classes: int = 80, pretrained: bool = False, backbone: str
 
 # The reference recipe (isda_r50_3x_coco): AdamW lr 1.25e-4, weight decay 1e-4, backbone, sampling offsets and
 # reference points at lr x 0.1, gradient norm clipped to 0.1, no warmup; 42 epochs of COCO train2017 at 16 images
-# per step (7,329 steps an epoch), lr x 0.1 at epochs 27, 33, 35, 36 and 37.
+# per step (7,329 steps an epoch), lr x 0.1 at epochs 27, 33, 35, 36 and 37: train it with max_iters=42 * 7329
+# (the run's length is the user's budget, not part of the recipe).
 _EPOCH = 7329
 ISDA_RECIPE: dict[str, Any] = dict(lr=1.25e-4, weight_decay=1e-4, backbone_lr_mult=0.1, clip_grad_norm=0.1,
                                    warmup_iters=0, lr_multipliers={"sampling_offsets": 0.1, "reference_points": 0.1},
-                                   max_iters=42 * _EPOCH, milestones=tuple(e * _EPOCH for e in (27, 33, 35, 36, 37)))
+                                   milestones=tuple(e * _EPOCH for e in (27, 33, 35, 36, 37)))
 
 # ISDA (reference config isda_r50_3x_coco): ResNet-50 with FrozenBN and stage 1 frozen, channel mapper (P2..P6,
 # GN 32), deformable transformer 6 + 6 layers, 256-d, 8 heads, 4 levels x 4 points, FFN 1024, dropout 0.1,
