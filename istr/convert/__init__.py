@@ -39,11 +39,13 @@ def _source_name(source: str) -> str:
 
 def detect_source(state_keys: Sequence[str]) -> str | None:
     """'istr-v1' for detectron2 ISTR keys (backbone.bottom_up.*), 'deformable-detr' for backbone.0.body.* with a
-    transformer, else None."""
+    transformer (or mmdetection's bbox_head.transformer.*), else None."""
     keys = list(state_keys)
     if any(k.startswith("backbone.bottom_up.") for k in keys):
         return "istr-v1"
     if any(k.startswith("backbone.0.body.") for k in keys) and any(k.startswith("transformer.") for k in keys):
+        return "deformable-detr"
+    if any(k.startswith("bbox_head.transformer.") for k in keys):  # mmdetection 2.x Deformable DETR
         return "deformable-detr"
     return None
 
@@ -102,7 +104,8 @@ def load_init(model: nn.Module, path: str | Path, source: str | None = None, *,
     if path.is_dir() or path.suffix == ".safetensors":
         return _load_model_file(model, path, target)
     ckpt = load_source_checkpoint(path, "checkpoint", trust_pickle)
-    keys = list(ckpt["model"]) if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else []
+    weights = ckpt.get("model", ckpt.get("state_dict")) if isinstance(ckpt, dict) else None
+    keys = list(weights) if isinstance(weights, dict) else []
     if source is None:
         source = detect_source(keys)
         if source is None:
@@ -124,12 +127,14 @@ def load_init(model: nn.Module, path: str | Path, source: str | None = None, *,
     else:
         if pca_path is not None:
             raise ValueError("pca_path belongs to istr-v1 checkpoints")
-        src, top = source_state_dict(ckpt, path, dd.WHAT)
-        dd.detect_deformable_detr(list(src), path)
+        src, top = source_state_dict(ckpt, path, dd.WHAT, entries=("model", "state_dict"))
+        layout = dd.detect_deformable_detr(list(src), path)
         dropped = top_level_dropped(top, dd.TOP_LEVEL, path, dd.WHAT)
         dd.check_args(ckpt.get("args"), path)
+        if layout == dd.MMDET:
+            dd.check_meta(ckpt.get("meta"), path)
         report = ConversionReport(source, str(path), name, dropped=dict(dropped))
-        converted, report = convert_deformable_detr_state(src, target, path=path, report=report)
+        converted, report = convert_deformable_detr_state(src, target, path=path, layout=layout, report=report)
     _load_into(model, target, converted)
     return report
 

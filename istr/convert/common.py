@@ -61,7 +61,8 @@ class ConversionReport:
             groups = _group(entries)
             if groups:
                 lines.append(f"  {title}:")
-                lines += [f"    {g} ({n} tensors): {why}" for g, (n, why) in list(groups.items())[:max_lines]]
+                lines += [f"    {g} ({n} {'key' if n == 1 else 'keys'}): {why}"
+                          for g, (n, why) in list(groups.items())[:max_lines]]
                 if len(groups) > max_lines:
                     lines.append(f"    ... and {len(groups) - max_lines} more groups")
         if self.conventions:
@@ -120,32 +121,35 @@ def load_source_checkpoint(path: str | Path, what: str, trust_pickle: bool = Fal
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def source_state_dict(ckpt: Any, path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The weights of a loaded checkpoint (its "model" entry) as tensors, and the names of its other top-level
-    entries. ValueError when there is no "model" dict of tensors (naming what there is instead)."""
+def source_state_dict(ckpt: Any, path: str | Path, what: str,
+                      entries: tuple[str, ...] = ("model",)) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of a loaded checkpoint (its first entry named in `entries`: "model" for detectron2 and DETR
+    files, "state_dict" for mmdetection's) as tensors, and the names of its other top-level entries. ValueError
+    when there is no such dict of tensors (naming what there is instead)."""
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected a {what} "
                          "(a dict with a 'model' state dict)")
-    if "state_dict" in ckpt and "model" not in ckpt:
+    entry = next((e for e in entries if e in ckpt), None)
+    if entry is None and "state_dict" in ckpt:
         meta = ckpt.get("meta")
         hint = " (an mmdetection checkpoint: 'meta' + 'state_dict')" if isinstance(meta, Mapping) else ""
         raise ValueError(f"{path} has a 'state_dict' entry but no 'model' entry{hint}; expected a {what} "
                          "(a dict with a 'model' state dict)")
-    if "model" not in ckpt:
-        raise ValueError(f"{path} has no 'model' entry (top-level keys: {sorted(map(str, ckpt))[:10]}); expected a "
-                         f"{what} (a dict with a 'model' state dict)")
-    model = ckpt["model"]
+    if entry is None:
+        raise ValueError(f"{path} has no {' or '.join(repr(e) for e in entries)} entry (top-level keys: "
+                         f"{sorted(map(str, ckpt))[:10]}); expected a {what} (a dict with a 'model' state dict)")
+    model = ckpt[entry]
     if not isinstance(model, Mapping) or not model:
-        raise ValueError(f"{path}: 'model' is a {type(model).__name__}{' (empty)' if not model else ''}, "
+        raise ValueError(f"{path}: {entry!r} is a {type(model).__name__}{' (empty)' if not model else ''}, "
                          f"not a state dict of tensors")
     tensors: dict[str, torch.Tensor] = {}
     for key, value in model.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: model entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ValueError(f"{path}: {entry} entry {key!r} is a {type(value).__name__}, not a tensor")
         tensors[str(key)] = value
-    return tensors, [str(k) for k in ckpt if k != "model"]
+    return tensors, [str(k) for k in ckpt if k != entry]
 
 
 def top_level_dropped(names: Iterable[str], known: Mapping[str, str], path: str | Path, what: str) -> dict[str, str]:

@@ -13,8 +13,9 @@ BN = ("weight", "bias", "running_mean", "running_var")  # FrozenBatchNorm2d buff
 R50_BLOCKS, WIDTHS = (3, 4, 6, 3), (64, 128, 256, 512)  # bottleneck widths; output = 4 x width
 
 
-def resnet(prefix: str, naming: str) -> dict[str, list[int]]:
-    """ResNet-50 keys: naming 'detectron2' (stem / resN / shortcut / convK.norm) or 'torchvision'."""
+def resnet(prefix: str, naming: str, bn_counter: bool = False) -> dict[str, list[int]]:
+    """ResNet-50 keys: naming 'detectron2' (stem / resN / shortcut / convK.norm) or 'torchvision';
+    bn_counter: plain BatchNorm2d (mmdet) also stores num_batches_tracked (a scalar)."""
     keys: dict[str, list[int]] = {}
     d2 = naming == "detectron2"
 
@@ -22,6 +23,8 @@ def resnet(prefix: str, naming: str) -> dict[str, list[int]]:
         keys[f"{prefix}{conv}.weight"] = shape
         for b in BN:
             keys[f"{prefix}{bn}.{b}"] = [shape[0]]
+        if bn_counter:
+            keys[f"{prefix}{bn}.num_batches_tracked"] = []
 
     conv_bn("stem.conv1" if d2 else "conv1", "stem.conv1.norm" if d2 else "bn1", [64, 3, 7, 7])
     cin = 64
@@ -132,8 +135,61 @@ def deformable_detr() -> dict:
         "keys": keys}
 
 
+def deformable_detr_mmdet() -> dict:
+    keys = resnet("backbone.", "torchvision", bn_counter=True)
+    for i, c in enumerate((512, 1024, 2048)):  # ConvModule(conv without bias, GroupNorm "gn")
+        keys[f"neck.convs.{i}.conv.weight"] = [256, c, 1, 1]
+        keys[f"neck.convs.{i}.gn.weight"], keys[f"neck.convs.{i}.gn.bias"] = [256], [256]
+    keys["neck.extra_convs.0.conv.weight"] = [256, 2048, 3, 3]
+    keys["neck.extra_convs.0.gn.weight"], keys["neck.extra_convs.0.gn.bias"] = [256], [256]
+    t = "bbox_head.transformer."
+    keys[t + "level_embeds"] = [4, 256]
+    msda = {"sampling_offsets": 256, "attention_weights": 128, "value_proj": 256, "output_proj": 256}
+    for part, n_norms in (("encoder", 2), ("decoder", 3)):
+        for i in range(6):
+            p = f"{t}{part}.layers.{i}."
+            deform = "attentions.0." if part == "encoder" else "attentions.1."
+            if part == "decoder":  # mmcv MultiheadAttention wraps nn.MultiheadAttention as .attn
+                keys.update({p + "attentions.0.attn.in_proj_weight": [768, 256],
+                             p + "attentions.0.attn.in_proj_bias": [768],
+                             p + "attentions.0.attn.out_proj.weight": [256, 256],
+                             p + "attentions.0.attn.out_proj.bias": [256]})
+            for name, n_out in msda.items():
+                keys[f"{p}{deform}{name}.weight"], keys[f"{p}{deform}{name}.bias"] = [n_out, 256], [n_out]
+            for n in range(n_norms):
+                keys[f"{p}norms.{n}.weight"], keys[f"{p}norms.{n}.bias"] = [256], [256]
+            keys.update({p + "ffns.0.layers.0.0.weight": [1024, 256], p + "ffns.0.layers.0.0.bias": [1024],
+                         p + "ffns.0.layers.1.weight": [256, 1024], p + "ffns.0.layers.1.bias": [256]})
+    keys[t + "reference_points.weight"], keys[t + "reference_points.bias"] = [2, 256], [2]
+    for i in range(6):
+        keys[f"bbox_head.cls_branches.{i}.weight"], keys[f"bbox_head.cls_branches.{i}.bias"] = [80, 256], [80]
+        for j, n_out in ((0, 256), (2, 256), (4, 4)):  # Linear, ReLU, Linear, ReLU, Linear
+            keys[f"bbox_head.reg_branches.{i}.{j}.weight"] = [n_out, 256]
+            keys[f"bbox_head.reg_branches.{i}.{j}.bias"] = [n_out]
+    keys["bbox_head.query_embedding.weight"] = [300, 512]
+    return {
+        "source": "deformable-detr (mmdetection 2.x layout)",
+        "read_from": ["yingkaining/isda@de2c2f4 (mmdetection 2.17 fork): configs/isda/isda_r50_3x_coco.py load_from = "
+                      "deformable_detr_r50_16x2_50e_coco_20210419_220030-a12b9512.pth; mmdet/models/utils/transformer.py "
+                      "(DeformableDetrTransformer: level_embeds, reference_points, query_pos/query split), "
+                      "mmdet/models/dense_heads/deformable_detr_head.py (cls_branches, reg_branches, query_embedding)",
+                      "mmcv 1.x cnn/bricks/transformer.py (BaseTransformerLayer: attentions, ffns, norms in operation "
+                      "order; FFN layers.0.0 / layers.1; MultiheadAttention.attn), ConvModule (conv, gn; no bias "
+                      "before a norm), mmdet ChannelMapper (convs, extra_convs)"],
+        "facts": {
+            "top_level": {"meta": "dict (CLASSES, mmdet_version, config)", "state_dict": "state dict",
+                          "optimizer": "dict (absent from model-zoo files)"},
+            "dtype": "float32; num_batches_tracked int64 scalars",
+            "classes": "80 sigmoid logits, contiguous labels (COCO ids sorted)",
+            "shared": "cls_branches.N / reg_branches.N: one module listed 6 times (identical tensors)"},
+        "shared_groups": ["bbox_head.cls_branches.{i}.", "bbox_head.reg_branches.{i}."],
+        "int64_suffix": "num_batches_tracked",
+        "keys": keys}
+
+
 if __name__ == "__main__":
-    for name, manifest in (("istr_v1_r50", istr_v1()), ("deformable_detr_r50", deformable_detr())):
+    for name, manifest in (("istr_v1_r50", istr_v1()), ("deformable_detr_r50", deformable_detr()),
+                           ("deformable_detr_r50_mmdet", deformable_detr_mmdet())):
         keys = manifest.pop("keys")
         manifest["keys"] = keys
         text = json.dumps(manifest, indent=0, separators=(",", ":"))

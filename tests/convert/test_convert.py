@@ -41,6 +41,9 @@ def pooled(shapes: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tenso
     plain, positive = pools(seed)
     out = {}
     for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):  # an int64 scalar counter
+            out[key] = torch.tensor(1000, dtype=torch.int64)
+            continue
         n = int(np.prod(shape)) if shape else 1
         offset = zlib.crc32(key.encode()) % (POOL - n)
         pool = positive if key.endswith(("running_var", "explained_variances", "explained_variance",
@@ -69,14 +72,19 @@ def istr_v1_checkpoint(path: Path, depth: int = 50, seed: int = 0, edit=None,
     return sd
 
 
-def dd_checkpoint(path: Path, seed: int = 0, edit=None, args: dict | None = None,
-                  values: bool = True) -> dict[str, torch.Tensor]:
-    m = manifest("deformable_detr_r50")
-    sd = pooled(m["keys"], seed) if values else lite(m["keys"])
+def shared(m: dict, sd: dict[str, torch.Tensor]) -> None:
+    """Make the manifest's shared groups (one module listed once per decoder layer) identical tensors."""
     for group in m["shared_groups"]:  # one module listed 6 times: identical tensors
         first = {k: v for k, v in sd.items() if k.startswith(group.format(i=0))}
         for i in range(1, 6):
             sd.update({k.replace(group.format(i=0), group.format(i=i)): v for k, v in first.items()})
+
+
+def dd_checkpoint(path: Path, seed: int = 0, edit=None, args: dict | None = None,
+                  values: bool = True) -> dict[str, torch.Tensor]:
+    m = manifest("deformable_detr_r50")
+    sd = pooled(m["keys"], seed) if values else lite(m["keys"])
+    shared(m, sd)
     if edit:
         edit(sd)
     ns = argparse.Namespace(**{"num_feature_levels": 4, "two_stage": False, "with_box_refine": False,
@@ -192,6 +200,46 @@ def test_deformable_detr_manifest_converts_loads_and_runs(dd, tmp_path):
     forward_both(loaded)
 
 
+def test_deformable_detr_mmdetection_layout(tmp_path):
+    """ISDA's config loads mmdetection's Deformable DETR file: its layout converts to the same isda_r50 parts."""
+    m = manifest("deformable_detr_r50_mmdet")
+    src = pooled(m["keys"], seed=2)
+    shared(m, src)
+    names = tuple(c["name"] for c in COCO_CATEGORIES)
+    torch.save({"meta": {"mmdet_version": "2.12.0", "CLASSES": names}, "state_dict": src}, tmp_path / "mm.pth")
+    model, report = convert(tmp_path / "mm.pth", "deformable-detr")
+    assert "layout: mmdetection" in report.notes
+    assert set(report.mapped) | {k for k in report.dropped if not k.startswith("<")} == set(src)
+    assert all(k.startswith("bbox_head.reg_branches.") or k.endswith("num_batches_tracked")
+               for k in report.dropped if not k.startswith("<"))
+    fresh_prefixes = ("backbone.neck.lateral.0.", "mask_features.", "kernel_head.")
+    assert set(report.fresh) == {k for k in model.state_dict() if k.startswith(fresh_prefixes)}
+    assert set(report.filled) | set(report.fresh) == set(model.state_dict())
+    state = model.state_dict()
+    t = "bbox_head.transformer."
+    assert torch.equal(state["class_embed.weight"], src["bbox_head.cls_branches.0.weight"])
+    assert torch.equal(state["backbone.neck.lateral.2.0.weight"], src["neck.convs.1.conv.weight"])
+    # mmdet's ConvModule has no conv bias: isda_r50's neck has none either (or, in a model with one, it is zero)
+    assert torch.equal(state.get("backbone.neck.lateral.2.0.bias", torch.zeros(256)), torch.zeros(256))
+    assert torch.equal(state["backbone.neck.extra.0.1.weight"], src["neck.extra_convs.0.gn.weight"])
+    assert torch.equal(state["transformer.level_embed"], src[t + "level_embeds"])
+    assert torch.equal(state["transformer.decoder.2.self_attn.in_proj_weight"],
+                       src[t + "decoder.layers.2.attentions.0.attn.in_proj_weight"])
+    assert torch.equal(state["transformer.decoder.2.cross_attn.sampling_offsets.bias"],
+                       src[t + "decoder.layers.2.attentions.1.sampling_offsets.bias"])
+    assert torch.equal(state["transformer.decoder.4.norm1.weight"], src[t + "decoder.layers.4.norms.0.weight"])
+    assert torch.equal(state["transformer.encoder.1.norm2.bias"], src[t + "encoder.layers.1.norms.1.bias"])
+    assert torch.equal(state["transformer.encoder.3.ffn.3.weight"], src[t + "encoder.layers.3.ffns.0.layers.1.weight"])
+    assert torch.equal(state["backbone.body.layer2.0.downsample.1.running_var"],
+                       src["backbone.layer2.0.downsample.1.running_var"])
+    small(model).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model([image()])[0]["scores"]).all()
+    torch.save({"meta": {"CLASSES": ("cat", "dog")}, "state_dict": src}, tmp_path / "mm2.pth")
+    with pytest.raises(ValueError, match="2 classes"):
+        convert(tmp_path / "mm2.pth", "deformable-detr")
+
+
 # ---------------------------------------------------------------------------------------------------- round trips
 def to_istr_v1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Test-only inverse: this library's ISTR state dict -> the authors' v1 detectron2 names."""
@@ -294,7 +342,7 @@ def test_round_trip_istr_v1_bit_identical(tmp_path):
 
 
 def test_round_trip_deformable_detr_bit_identical(tmp_path):
-    a = istr.create_model("isda_r50")
+    a = istr.create_model("isda_r50", neck_options={"bias": True, "first_kaiming": True})  # DD's input_proj has biases
     values = pooled({k: list(v.shape) for k, v in a.state_dict().items()}, seed=4)
     a.load_state_dict(values)
     torch.save({"model": to_deformable_detr(values), "epoch": 1}, tmp_path / "dd.pth")
@@ -375,12 +423,15 @@ def test_bad_inputs_fail_clearly_and_write_nothing(v1, dd, tmp_path):
     with pytest.raises(ValueError, match="detectron2 checkpoint.*istr-v1"):
         convert(v1.ckpt, "deformable-detr", out=out)
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "plain.pth")  # a bare torchvision state dict
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with pytest.raises(ValueError, match="no 'model' or 'state_dict' entry"):
         convert(tmp_path / "plain.pth", "deformable-detr", out=out)
-    torch.save({"meta": {"mmdet_version": "2.17"}, "state_dict": {"backbone.conv1.weight": torch.zeros(1)}},
-               tmp_path / "mmdet.pth")
-    with pytest.raises(ValueError, match="mmdetection"):
-        convert(tmp_path / "mmdet.pth", "deformable-detr", out=out)
+    torch.save({"meta": {"mmdet_version": "2.17"}, "state_dict": {"backbone.conv1.weight": torch.zeros(1),
+                                                                   "roi_head.bbox_head.fc_cls.weight": torch.zeros(1)}},
+               tmp_path / "mmdet_rcnn.pth")
+    with pytest.raises(ValueError, match="mmdetection checkpoint of another model"):
+        convert(tmp_path / "mmdet_rcnn.pth", "deformable-detr", out=out)
+    with pytest.raises(ValueError, match="mmdetection checkpoint"):
+        convert(tmp_path / "mmdet_rcnn.pth", "istr-v1", out=out)
     with pytest.raises(ValueError, match="source must be one of"):
         convert(v1.ckpt, "detr", out=out)
     assert not out.exists() and not list(tmp_path.glob(".never*"))
@@ -459,6 +510,8 @@ def test_load_init_from_source_and_from_model_file(v1, dd):
     assert torch.equal(state["transformer.level_embed"], src["transformer.level_embed"])
     assert all(torch.equal(state[k], v) for k, v in before.items())  # 20 classes: class head kept, ISDA parts kept
     assert "class_embed.weight" in report.fresh
+    if "backbone.neck.lateral.1.0.bias" not in state:  # isda_r50's neck has no conv bias: the official one is dropped
+        assert "input_proj.0.0.bias" in report.dropped and any("biases dropped" in n for n in report.notes)
     # a converted ISTR model file into an ISTR of 20 classes: everything but the class logits layers
     target = istr.create_model("istr_r50_fpn_pca60", num_classes=20,
                                codec=istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=True))
