@@ -128,7 +128,7 @@ def load_init(model: nn.Module, path: str | Path, source: str | None = None, *,
         if pca_path is not None:
             raise ValueError("pca_path belongs to istr-v1 checkpoints")
         src, top = source_state_dict(ckpt, path, dd.WHAT, entries=("model", "state_dict"))
-        layout = dd.detect_deformable_detr(list(src), path)
+        layout = dd.detect_deformable_detr(list(src), path, {k: tuple(v.shape) for k, v in src.items()})
         dropped = top_level_dropped(top, dd.TOP_LEVEL, path, dd.WHAT)
         dd.check_args(ckpt.get("args"), path)
         if layout == dd.MMDET:

@@ -80,10 +80,12 @@ FRESH_PREFIXES = {"backbone.neck.lateral.0.": "P2 lateral conv + GroupNorm (Defo
                   "kernel_head.": "position-aware kernel MLP: ISDA's own module"}
 
 
-def detect_deformable_detr(keys: Sequence[str], path: str | Path) -> str:
-    """'official' (fundamentalvision) or 'mmdetection' (mmdet 2.x) for a single-stage Deformable DETR without box
-    refinement; ValueError naming the layout found otherwise."""
+def detect_deformable_detr(keys: Sequence[str], path: str | Path,
+                           shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """'official' (fundamentalvision) or 'mmdetection' (mmdet 2.x) for a single-stage, 4-level Deformable DETR
+    without box refinement; ValueError naming the layout found otherwise (shapes: key -> shape, for the levels)."""
     keyset = set(keys)
+    shapes = shapes or {}
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keyset)
@@ -102,6 +104,10 @@ def detect_deformable_detr(keys: Sequence[str], path: str | Path) -> str:
         found = "a two-stage Deformable DETR (transformer.enc_output*, transformer.pos_trans*)"
     elif has(t) and (t + "level_embed" if not mmdet else t + "level_embeds") not in keyset:
         found = "a single-scale (original) DETR (no transformer.level_embed)"
+    elif any(k in shapes and len(shapes[k]) == 2 and shapes[k][0] != 4
+             for k in ("transformer.level_embed", "bbox_head.transformer.level_embeds")):
+        lv = next(shapes[k][0] for k in ("transformer.level_embed", "bbox_head.transformer.level_embeds") if k in shapes)
+        found = f"a Deformable DETR with {lv} feature level{'s' if lv != 1 else ''} (the single-scale model?); ISDA's has 4"
     elif has("bbox_attention.") or has("mask_head."):
         found = "a DETR segmentation checkpoint (bbox_attention / mask_head)"
     elif not mmdet and (not has("backbone.0.body.") or "query_embed.weight" not in keyset
@@ -311,7 +317,7 @@ def convert_deformable_detr(path: str | Path, *, model_name: str | None = None, 
                          f"got {model_name!r}")
     ckpt = load_source_checkpoint(path, WHAT, trust_pickle)
     src, top = source_state_dict(ckpt, path, WHAT, entries=("model", "state_dict"))
-    layout = detect_deformable_detr(list(src), path)
+    layout = detect_deformable_detr(list(src), path, {k: tuple(v.shape) for k, v in src.items()})
     dropped = top_level_dropped(top, TOP_LEVEL, path, WHAT)
     args_seen = check_args(ckpt.get("args"), path)
     if layout == MMDET:

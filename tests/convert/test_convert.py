@@ -494,6 +494,14 @@ def test_other_layouts_named(tmp_path):
     dd_checkpoint(tmp_path / "two.pth", edit=two_stage, values=False)
     with pytest.raises(ValueError, match="two-stage"):
         convert(tmp_path / "two.pth", "deformable-detr")
+    def single_scale(sd):  # Deformable DETR (single scale): one level, from C5
+        for k in [k for k in sd if k.startswith("input_proj.")]:
+            del sd[k]
+        sd["input_proj.0.0.weight"], sd["transformer.level_embed"] = torch.zeros(256, 2048, 1, 1), torch.zeros(1, 256)
+
+    dd_checkpoint(tmp_path / "ss.pth", edit=single_scale, values=False)
+    with pytest.raises(ValueError, match="1 feature level"):
+        convert(tmp_path / "ss.pth", "deformable-detr")
     dd_checkpoint(tmp_path / "dc5.pth", args={"dilation": True}, values=False)  # the stored args are checked too
     with pytest.raises(ValueError, match="dilation=True"):
         convert(tmp_path / "dc5.pth", "deformable-detr")
