@@ -225,8 +225,8 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------------------ lock
     def lock(self) -> RunLock:
-        """Take the folder's writer lock (RunLockedError when a live process holds it). Use as a context manager
-        or call .release(); idempotent for this RunDir object."""
+        """Take the folder's writer lock (RunLockedError when a live process holds it) until unlock(), the process's
+        end, or this RunDir's garbage collection (keep a reference while writing). Idempotent for this object."""
         return self._lock.acquire()
 
     def unlock(self) -> None:
