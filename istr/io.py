@@ -41,7 +41,10 @@ __all__ = ["ARCHITECTURES", "register_architecture", "read_safetensors", "write_
            "check_format_version", "metadata_json", "CHECKSUMS_KEY", "save_torch_file", "verify_checkpoint",
            "check_torch_file"]
 
-ARCHITECTURES = Registry("model architecture")
+# a model class that save_model/load_model can rebuild: it implements `config() -> dict` (plain JSON values) and
+# `from_config(config) -> model` (a classmethod), and may list construction keys that need not match when loading
+# into an existing model in `inference_options` (istr.models.DetectionModel provides all of it)
+ARCHITECTURES = Registry("model architecture", name_attr="architecture", required=("config", "from_config"))
 
 MODEL_FORMAT, STATE_DICT_FORMAT = "istr-model", "istr-state-dict"
 # 2: architecture + categories keys; version 1 files are ISTR models. 3: checksums (required from 3 on)
@@ -57,19 +60,7 @@ class CorruptFileError(ValueError):
 MODEL_FILE, STATE_FILE, LAST_FILE = "model.safetensors", "trainer_state.pt", "last"  # the run directory layout
 
 
-def register_architecture(name: str) -> Callable:
-    """Class decorator: a model class that save_model/load_model can rebuild. The class implements
-    `config() -> dict` (plain JSON values) and `from_config(config) -> model` (a classmethod); it may list
-    construction keys that need not match when loading into an existing model in `inference_options`."""
-
-    def decorator(cls):
-        for method in ("config", "from_config"):
-            if not callable(getattr(cls, method, None)):
-                raise TypeError(f"architecture {name!r}: {cls.__name__} must define {method}()")
-        cls.architecture = name
-        return ARCHITECTURES.register(name)(cls)
-
-    return decorator
+register_architecture = ARCHITECTURES.register  # class decorator (see ARCHITECTURES)
 
 
 # ---------------------------------------------------------------------------------------------------- files

@@ -3,27 +3,36 @@ model architectures) is an instance."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry:
-    """A named table of callables.
+    """A named table of callables. Registering has the same effects in every registry: the entry is stored under
+    its name and tagged with attributes: `name_attr` (if the registry has one) set to the name, the registry's
+    `defaults` and the keywords given to register(). `required`: methods an entry must have.
 
-    >>> CODECS = Registry("codec")
+    >>> CODECS = Registry("codec", name_attr="codec_name")
     >>> @CODECS.register("pca")
     ... class PCACodec: ...
-    >>> CODECS.get("pca") is PCACodec
+    >>> CODECS.get("pca") is PCACodec and PCACodec.codec_name == "pca"
     True
     """
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, *, name_attr: str | None = None, defaults: dict[str, Any] | None = None,
+                 required: tuple[str, ...] = ()) -> None:
+        self.kind, self.name_attr, self.required = kind, name_attr, tuple(required)
+        self.defaults = dict(defaults or {})
         self._entries: dict[str, Callable] = {}
 
-    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
-        """Decorator registering a callable under `name` (default: its __name__)."""
+    def register(self, name: str | None = None, *, override: bool = False, **attributes: Any) -> Callable[[T], T]:
+        """Decorator registering a callable under `name` (default: its __name__), tagged with `attributes` (over the
+        registry's defaults; unknown keywords are a TypeError) and, if the registry has a name_attr, its name."""
+        unknown = sorted(set(attributes) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"register() of a {self.kind} takes the attributes {sorted(self.defaults) or 'none'}, "
+                            f"got {unknown}")
 
         def decorator(obj: T) -> T:
             key = name or obj.__name__
@@ -31,6 +40,13 @@ class Registry:
                 raise TypeError(f"{self.kind} names must be non-empty strings, got {key!r}")
             if key in self._entries and not override:
                 raise KeyError(f"{self.kind} {key!r} is already registered; pass override=True to replace it")
+            missing = [m for m in self.required if not callable(getattr(obj, m, None))]
+            if missing:
+                raise TypeError(f"{self.kind} {key!r}: {getattr(obj, '__name__', obj)} must define {missing}")
+            for attr, value in {**self.defaults, **attributes}.items():
+                setattr(obj, attr, tuple(value) if isinstance(value, list) else value)
+            if self.name_attr:
+                setattr(obj, self.name_attr, key)
             self._entries[key] = obj
             return obj
 

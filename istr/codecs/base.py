@@ -18,7 +18,7 @@ from istr.registry import Registry
 
 __all__ = ["CODECS", "MaskCodec", "NotFittedError", "register_codec", "create_codec", "load_codec", "list_codecs", "mask_iou"]
 
-CODECS = Registry("codec")
+CODECS = Registry("codec", name_attr="codec_name")
 _FORMAT = "istr-codec"
 _FORMAT_VERSION = "2"  # 2: checksums (istr.io.write_safetensors), required from 2 on
 _CODEC_KEYS = {"format", "version", "codec", "config", "checksums"}
@@ -28,14 +28,7 @@ class NotFittedError(RuntimeError, ValueError):
     """Raised when a codec that must be fit is used before fit() (or load_codec) gave it its parameters."""
 
 
-def register_codec(name: str):
-    """Class decorator: register a MaskCodec subclass under `name` (also stored as cls.codec_name)."""
-
-    def decorator(cls):
-        cls.codec_name = name
-        return CODECS.register(name)(cls)
-
-    return decorator
+register_codec = CODECS.register  # class decorator: a MaskCodec subclass, its name stored as cls.codec_name
 
 
 class MaskCodec(nn.Module):

@@ -32,20 +32,13 @@ __all__ = ["LOSSES", "register_loss", "focal_loss", "l1_loss", "giou_loss", "emb
            "embed_smooth_l1_loss", "dice_loss", "mask_dice_loss", "matched_predictions", "matched_targets",
            "dice_per_instance"]
 
-LOSSES = Registry("loss term")
+# a loss term is registered with the output and target keys it reads (SetCriterion checks them up front)
+LOSSES = Registry("loss term", defaults={"reads": (), "target_reads": ()})
 
 LossFn = Callable[[dict, Sequence[dict], Sequence[tuple], object, float], torch.Tensor]
 
 
-def register_loss(name: str, reads: Sequence[str] = (), target_reads: Sequence[str] = ()) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a loss term `(outputs, targets, indices, context, num_boxes) -> scalar` under `name`.
-    reads / target_reads: the output and target keys it needs (SetCriterion checks them up front)."""
-
-    def decorator(fn: LossFn) -> LossFn:
-        fn.reads, fn.target_reads = tuple(reads), tuple(target_reads)
-        return LOSSES.register(name)(fn)
-
-    return decorator
+register_loss = LOSSES.register  # @register_loss(name, reads=, target_reads=): a term -> scalar (module docstring)
 
 
 def _batch_index(indices: Sequence[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

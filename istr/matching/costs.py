@@ -39,7 +39,9 @@ from istr.registry import Registry
 __all__ = ["COSTS", "register_cost", "focal_cost", "l1_cost", "giou_cost", "cosine_cost", "embed_l1_cost",
            "dice_cost", "mask_iou_cost", "box_scale", "target_embeds", "with_target_embeds", "as_context", "context_codec"]
 
-COSTS = Registry("cost term")
+# a cost term is registered with the prediction and target keys it reads (SetCriterion checks them up front) and
+# batched=True when it also handles a leading batch dim (see the module docstring; the matcher then calls it once)
+COSTS = Registry("cost term", defaults={"batched": False, "reads": (), "target_reads": ()})
 
 CostFn = Callable[[dict, dict, dict], torch.Tensor]
 
@@ -63,17 +65,7 @@ def context_codec(context: Mapping[str, Any] | MaskCodec | None, term: str) -> M
     return codec
 
 
-def register_cost(name: str, batched: bool = False, reads: tuple[str, ...] = (),
-                  target_reads: tuple[str, ...] = ()) -> Callable[[CostFn], CostFn]:
-    """Decorator: register a cost term `(pred, tgt, context) -> [K, T]` under `name`. batched=True declares that
-    it also handles a leading batch dim (see the module docstring); the matcher then calls it once per batch.
-    reads / target_reads: the prediction and target keys it needs (SetCriterion checks them up front)."""
-
-    def decorator(fn: CostFn) -> CostFn:
-        fn.batched, fn.reads, fn.target_reads = bool(batched), tuple(reads), tuple(target_reads)
-        return COSTS.register(name)(fn)
-
-    return decorator
+register_cost = COSTS.register  # @register_cost(name, batched=, reads=, target_reads=): a term (pred, tgt, context) -> [K, T]
 
 
 def box_scale(image_size: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

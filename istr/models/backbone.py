@@ -22,24 +22,15 @@ from istr.registry import Registry
 __all__ = ["BACKBONES", "NECKS", "Backbone", "ChannelMapper", "FPN", "build_backbone", "freeze_batch_norm",
            "register_backbone", "register_neck"]
 
-BACKBONES = Registry("backbone")
+BACKBONES = Registry("backbone", name_attr="backbone_type")
 NECKS = Registry("neck")
 
 
-def register_backbone(name: str) -> Callable:
-    """Class decorator: a backbone class (see the module docstring) that load_model can rebuild by `name`."""
-
-    def decorator(cls):
-        cls.backbone_type = name
-        return BACKBONES.register(name)(cls)
-
-    return decorator
-
-
-def register_neck(name: str) -> Callable:
-    """Decorator registering a neck class `cls(in_channels: list[int], in_strides: list[int], out_channels, **kw)`
-    with attribute `strides` (its output strides) and forward(list of maps) -> list of maps."""
-    return NECKS.register(name)
+# class decorators: a backbone class (see the module docstring) that load_model rebuilds by name (cls.backbone_type);
+# a neck class `cls(in_channels: list[int], in_strides: list[int], out_channels, **kw)` with attribute `strides` (its
+# output strides) and forward(list of maps) -> list of maps
+register_backbone = BACKBONES.register
+register_neck = NECKS.register
 
 
 def build_backbone(config: dict[str, Any]) -> nn.Module:
