@@ -166,3 +166,12 @@ def test_hub_timeout_is_checked():
                                   ("3", OptionTypeError, r"timeout_s must be a number")]:
         with pytest.raises(error, match=message):
             check_pretrained_available("resnet18", timeout_s=value)
+
+
+def test_load_codec_options(tmp_path):
+    istr.create_codec("dct", mask_size=8, dim=4).save(tmp_path / "dct.safetensors")
+    with pytest.raises(OptionTypeError, match=r"mask_size must be an int .*'8' \(str\)"):
+        istr.load_codec(tmp_path / "dct.safetensors", mask_size="8")
+    with pytest.raises(ValueError, match=r"dim must be >= 1, got 0"):
+        istr.load_codec(tmp_path / "dct.safetensors", dim=0)
+    assert istr.load_codec(tmp_path / "dct.safetensors", mask_size=8, dim=np.int64(4)).dim == 4

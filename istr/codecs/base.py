@@ -200,6 +200,8 @@ def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | Non
     from istr.io import check_format_version, metadata_json, read_safetensors
 
     path = Path(path)
+    mask_size = check_number("mask_size", mask_size, integer=True, min=1, allow_none=True)
+    dim = check_number("dim", dim, integer=True, min=1, allow_none=True)
     meta, tensors = read_safetensors(path, "codec", map_location)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not an istr codec (metadata: {sorted(meta)})")
