@@ -52,12 +52,13 @@ MODEL_FORMAT_VERSION = "3"
 CHECKSUMS_KEY = "checksums"
 _MODEL_KEYS = {"format", "version", "istr_version", "architecture", "config", "categories", CHECKSUMS_KEY}
 _STATE_DICT_KEYS = {"format", "version", "class", "istr_version", CHECKSUMS_KEY}
+MODEL_FILE, STATE_FILE, LAST_FILE = "model.safetensors", "trainer_state.pt", "last"  # the run directory layout
 
 
 class CorruptFileError(ValueError):
     """A file's bytes do not match the checksums stored when it was written, or it is truncated/undecodable:
     it was damaged or modified after it was written."""
-MODEL_FILE, STATE_FILE, LAST_FILE = "model.safetensors", "trainer_state.pt", "last"  # the run directory layout
+
 
 
 register_architecture = ARCHITECTURES.register  # class decorator (see ARCHITECTURES)
