@@ -60,7 +60,6 @@ class CorruptFileError(ValueError):
     it was damaged or modified after it was written."""
 
 
-
 register_architecture = ARCHITECTURES.register  # class decorator (see ARCHITECTURES)
 
 
