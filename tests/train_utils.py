@@ -1,6 +1,6 @@
 """Helpers for the training/CLI/distributed tests: a tiny synthetic dataset, a tiny ISTR, and a torchrun worker.
 
-Run as a script under torchrun it is the worker of tests/test_distributed.py:
+Run as a script under torchrun it is the worker of tests/engine/test_distributed.py:
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_utils.py DATA_ROOT OUT_FILE BATCH
 """
 from __future__ import annotations

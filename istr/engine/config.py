@@ -168,8 +168,8 @@ def resolve_config(cfg: TrainConfig, recipe: Mapping[str, Any] | None = None) ->
             values[name], sources[name] = recipe[name], "recipe"
         else:
             values[name], sources[name] = LIBRARY_DEFAULTS[name], "default"
-    out = dataclasses.replace(cfg, **{k: v for k, v in values.items()})
     try:
+        out = dataclasses.replace(cfg, **values)
         _check(out, resolved=True)
     except (TypeError, ValueError) as exc:
         from_recipe = [k for k, s in sources.items() if s == "recipe"]

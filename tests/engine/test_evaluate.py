@@ -13,7 +13,7 @@ from istr.data import CocoInstances, make_synthetic_coco
 from istr.data.coco import load_coco_json
 from istr.engine import coco_evaluate, evaluate, predict, results_to_coco
 
-FAKE = Path(__file__).parents[2] / "shared" / "data" / "cocoapi_fake_segm"
+FAKE = Path(__file__).parents[3] / "shared" / "data" / "cocoapi_fake_segm"
 
 # /work/shared/data/cocoapi_fake_segm/README.md (pycocotools 2.0.11 on the 347 detections of the 45 GT images)
 REFERENCE = {

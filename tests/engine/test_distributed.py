@@ -11,7 +11,7 @@ import torch
 
 from train_utils import grads_after_one_step, make_data
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where train_utils.py lives
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
