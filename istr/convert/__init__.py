@@ -67,7 +67,8 @@ def convert(source_path: str | Path, source: str, *, pca_path: str | Path | None
     """
     source = _source_name(source)
     if out is not None and Path(out).is_dir():
-        raise IsADirectoryError(f"out={out} is a directory; give the model file's path (e.g. {Path(out) / 'model.safetensors'})")
+        raise IsADirectoryError(f"out={out} is a directory; give the model file's path "
+                                f"(e.g. {Path(out) / 'model.safetensors'})")
     if source == "istr-v1":
         if num_classes != 80:
             raise ValueError("num_classes is read from an ISTR v1 checkpoint; it applies to deformable-detr only")
@@ -144,7 +145,8 @@ def _load_model_file(model: nn.Module, path: Path, target: dict[str, torch.Tenso
 
     path = find_model_file(path)
     meta, tensors = read_safetensors(path, "model")
-    report = ConversionReport(meta.get("architecture", meta.get("format", "model file")), str(path), type(model).__name__)
+    origin = meta.get("architecture", meta.get("format", "model file"))
+    report = ConversionReport(origin, str(path), type(model).__name__)
     converted, bad = {}, []
     for key, value in tensors.items():
         if key not in target:
@@ -162,7 +164,8 @@ def _load_model_file(model: nn.Module, path: Path, target: dict[str, torch.Tenso
     if bad:
         raise ValueError(f"{path} does not fit the model ({type(model).__name__}): shape mismatches {bad[:8]}")
     if not converted:
-        raise ValueError(f"{path} has no tensor in common with the model ({type(model).__name__}): a file of another model")
+        raise ValueError(f"{path} has no tensor in common with the model ({type(model).__name__}): "
+                         "a file of another model")
     for key in target:
         if key not in converted:
             report.fresh.setdefault(key, "not in the file: kept as initialised")

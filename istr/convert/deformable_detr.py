@@ -27,8 +27,8 @@ in operation order; the decoder's self-attention is attentions.0.attn, an nn.Mul
 bbox_head.query_embedding.weight [300, 512] (query_pos | content), bbox_head.cls_branches.N (one shared Linear
 256 -> 80, contiguous COCO labels) and bbox_head.reg_branches.N (box MLP).
 Other layouts are refused with their name: box refinement (transformer.decoder.bbox_embed.*, unshared heads),
-two-stage (transformer.enc_output*, pos_trans*, no query_embed), a single-scale DETR (no transformer.level_embed),
-other mmdetection models (roi_head.*, no bbox_head.transformer).
+two-stage (transformer.enc_output*, pos_trans*, no query_embed), DETR (no transformer.level_embed), another number
+of feature levels (the single-scale release), other mmdetection models (roi_head.*, no bbox_head.transformer).
 
 Mapping onto isda_r50 (P2 from C2, P3..P5 from C3..C5, P6 from C5; the transformer sees P3..P6):
 - backbone.0.body.* -> backbone.body.* (the same torchvision names in timm's ResNet); input_proj.{0,1,2} ->
@@ -50,7 +50,7 @@ Mapping onto isda_r50 (P2 from C2, P3..P5 from C3..C5, P6 from C5; the transform
   in the model's config) so the level features are exactly Deformable DETR's; load_init into a bias-free model
   drops them (listed). A model with biases converted from an mmdet file gets zero biases (the same function).
 - Freshly initialised by isda_r50's constructor, as the authors' ISDA initialises them: backbone.neck.lateral.0.*
-  (P2 1x1 conv: Xavier-uniform, zero bias; GroupNorm 1/0), mask_features.* (the MFR) and kernel_head.* (kernel MLP).
+  (P2 1x1 conv, kaiming-normal fan_out; GroupNorm 1/0), mask_features.* (the MFR) and kernel_head.* (kernel MLP).
 Pixels: RGB in [0, 1] normalised with ImageNet mean/std in both (torchvision's Normalize): nothing to convert.
 Boxes: Deformable DETR's normalised (cx, cy, w, h) boxes are not used (no box head). No background class (focal).
 """
@@ -74,8 +74,9 @@ TOP_LEVEL = {"optimizer": "optimizer state (not transferred)", "lr_scheduler": "
              "epoch": "training progress (epoch)", "args": "training arguments (checked, not stored)",
              "meta": "mmdetection metadata (config text, class names: checked, not stored)"}
 OFFICIAL, MMDET = "official", "mmdetection"
+LEVEL_KEYS = ("transformer.level_embed", "bbox_head.transformer.level_embeds")
 FRESH_PREFIXES = {"backbone.neck.lateral.0.": "P2 lateral conv + GroupNorm (Deformable DETR has no stride-4 level): "
-                                             "Xavier-uniform conv, zero bias",
+                                             "isda_r50's own initialisation",
                   "mask_features.": "mask feature representation (MFR): ISDA's own module",
                   "kernel_head.": "position-aware kernel MLP: ISDA's own module"}
 
@@ -104,10 +105,10 @@ def detect_deformable_detr(keys: Sequence[str], path: str | Path,
         found = "a two-stage Deformable DETR (transformer.enc_output*, transformer.pos_trans*)"
     elif has(t) and (t + "level_embed" if not mmdet else t + "level_embeds") not in keyset:
         found = "a single-scale (original) DETR (no transformer.level_embed)"
-    elif any(k in shapes and len(shapes[k]) == 2 and shapes[k][0] != 4
-             for k in ("transformer.level_embed", "bbox_head.transformer.level_embeds")):
-        lv = next(shapes[k][0] for k in ("transformer.level_embed", "bbox_head.transformer.level_embeds") if k in shapes)
-        found = f"a Deformable DETR with {lv} feature level{'s' if lv != 1 else ''} (the single-scale model?); ISDA's has 4"
+    elif any(len(shapes.get(k, ())) == 2 and shapes[k][0] != 4 for k in LEVEL_KEYS):
+        lv = next(shapes[k][0] for k in LEVEL_KEYS if k in shapes)
+        found = f"a Deformable DETR with {lv} feature level{'s' if lv != 1 else ''} (the single-scale model?); " \
+                "ISDA's has 4"
     elif has("bbox_attention.") or has("mask_head."):
         found = "a DETR segmentation checkpoint (bbox_attention / mask_head)"
     elif not mmdet and (not has("backbone.0.body.") or "query_embed.weight" not in keyset
@@ -188,7 +189,8 @@ def _target_key_mmdet(key: str) -> str | None:
     elif part == "decoder" and (mm := re.fullmatch(r"attentions\.0\.attn\.(in_proj_weight|in_proj_bias|"
                                                    r"out_proj\.weight|out_proj\.bias)", rest)):
         new = f"self_attn.{mm.group(1)}"
-    elif (mm := re.fullmatch(r"norms\.([0-2])\.(weight|bias)", rest)) and int(mm.group(1)) < (2 if part == "encoder" else 3):
+    elif (mm := re.fullmatch(r"norms\.([0-2])\.(weight|bias)", rest)) and \
+            int(mm.group(1)) < (2 if part == "encoder" else 3):
         new = f"norm{int(mm.group(1)) + 1}.{mm.group(2)}"  # norms in operation order, as ours
     elif mm := re.fullmatch(r"ffns\.0\.layers\.0\.0\.(weight|bias)", rest):
         new = f"ffn.0.{mm.group(1)}"
@@ -198,7 +200,8 @@ def _target_key_mmdet(key: str) -> str | None:
 
 
 CLASS_KEY = {OFFICIAL: r"class_embed\.\d+\.(weight|bias)", MMDET: r"bbox_head\.cls_branches\.\d+\.(weight|bias)"}
-BOX_KEY = {OFFICIAL: r"bbox_embed\.\d+\.layers\.\d+\.(weight|bias)", MMDET: r"bbox_head\.reg_branches\.\d+\.\d+\.(weight|bias)"}
+BOX_KEY = {OFFICIAL: r"bbox_embed\.\d+\.layers\.\d+\.(weight|bias)",
+           MMDET: r"bbox_head\.reg_branches\.\d+\.\d+\.(weight|bias)"}
 NECK_BIASES = ("backbone.neck.lateral.1.0.bias", "backbone.neck.lateral.2.0.bias", "backbone.neck.lateral.3.0.bias",
                "backbone.neck.extra.0.0.bias")
 

@@ -103,7 +103,8 @@ def detect_istr_v1(keys: Sequence[str], shapes: Mapping[str, tuple], path: str |
     res4 = {int(m.group(1)) for k in keyset if (m := re.match(r"backbone\.bottom_up\.res4\.(\d+)\.", k))}
     blocks = max(res4) + 1 if res4 else 0
     if blocks not in DEPTHS:
-        raise ValueError(f"{path}: the ResNet has {blocks} blocks in res4; ISTR v1 checkpoints are R50 (6) or R101 (23)")
+        raise ValueError(f"{path}: the ResNet has {blocks} blocks in res4; ISTR v1 checkpoints are R50 (6) or "
+                         "R101 (23)")
     return DEPTHS[blocks]
 
 
@@ -175,7 +176,8 @@ def read_pca_file(path: str | Path) -> dict[str, torch.Tensor]:
             arrays = {k: np.asarray(data[k]) for k in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise ValueError(f"{path} is not a readable PCA components file (a numpy .npz as the authors' "
-                         f"LME/mask_generation.py writes; truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+                         f"LME/mask_generation.py writes; truncated or corrupt?): {type(exc).__name__}: "
+                         f"{exc}") from None
     if not isinstance(arrays, dict) or not arrays:
         raise ValueError(f"{path} is not a PCA components .npz file (no arrays)")
     need = ("components_c", "mean_c", "explained_variance_c")
@@ -224,8 +226,10 @@ def _pixel_convention(input_format: str, pixel_mean: Sequence[float] | None,
     flip = fmt == "BGR"
     if flip:
         mean, std = mean[::-1], std[::-1]
-    sentence = (f"pixels: the checkpoint expects {fmt} 0..255 normalised with mean {list(D2_PIXEL_MEAN if pixel_mean is None else pixel_mean)} "
-                f"std {list(D2_PIXEL_STD if pixel_std is None else pixel_std)}; this model takes RGB [0, 1] with "
+    given_mean = list(D2_PIXEL_MEAN if pixel_mean is None else pixel_mean)
+    given_std = list(D2_PIXEL_STD if pixel_std is None else pixel_std)
+    sentence = (f"pixels: the checkpoint expects {fmt} 0..255 normalised with mean {given_mean} "
+                f"std {given_std}; this model takes RGB [0, 1] with "
                 f"pixel_mean = mean/255, pixel_std = std/255 (RGB order)"
                 + ("; the first conv's input channels were flipped BGR -> RGB" if flip else ""))
     return flip, [round(x / 255.0, 10) for x in mean], [round(x / 255.0, 10) for x in std], sentence
@@ -299,7 +303,8 @@ def check_pca(src: Mapping[str, torch.Tensor], pca: Mapping[str, torch.Tensor] |
             for src_key, name in names.items():
                 a, b = src[src_key].float(), pca[name]
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-                    diff = (a - b).abs().max().item() if a.shape == b.shape else f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+                    diff = (a - b).abs().max().item() if a.shape == b.shape else \
+                        f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
                     raise ValueError(f"the PCA components file does not match the PCA stored in {path} "
                                      f"({src_key} vs {name}: max difference {diff}); the head was trained with the "
                                      "checkpoint's own, so pass the file it was trained with, or none")
@@ -329,7 +334,8 @@ def check_pca(src: Mapping[str, torch.Tensor], pca: Mapping[str, torch.Tensor] |
 
 def convert_istr_v1(path: str | Path, *, pca_path: str | Path | None = None, model_name: str | None = None,
                     input_format: str = "RGB", pixel_mean: Sequence[float] | None = None,
-                    pixel_std: Sequence[float] | None = None, trust_pickle: bool = False) -> tuple[Any, ConversionReport]:
+                    pixel_std: Sequence[float] | None = None,
+                    trust_pickle: bool = False) -> tuple[Any, ConversionReport]:
     """An ISTR v1 checkpoint (+ optional PCA file) -> (an istr_r50/r101_fpn_pca60 model in eval mode, report)."""
     import istr
 
@@ -377,4 +383,7 @@ def convert_istr_v1(path: str | Path, *, pca_path: str | Path | None = None, mod
         f"PCA: l={l_head} components of 28x28 grids, whitened, logit space (sigmoid on decode), unchanged",
         "image feature pooled over the padded batch as the authors (image_pool_padding=True)",
         "8 attention heads assumed (NHEADS is not stored in the weights)"]
+    report.notes.append("fine-tuning: the authors crop GT masks by rasterising polygons into the box; this library's "
+                        "default is an RoIAlign crop (target_crop='polygon' with CocoInstances(segmentations=True) "
+                        "reproduces theirs)")
     return model.eval(), report

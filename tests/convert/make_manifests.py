@@ -77,7 +77,8 @@ def istr_v1() -> dict:
         "facts": {
             "top_level": {"model": "state dict", "iteration": "int (others a trainer may add: optimizer, scheduler)"},
             "dtype": "float32",
-            "input": "INPUT.FORMAT RGB, PIXEL_MEAN [123.675, 116.28, 103.53], PIXEL_STD [58.395, 57.12, 57.375], 0..255",
+            "input": "INPUT.FORMAT RGB, PIXEL_MEAN [123.675, 116.28, 103.53], PIXEL_STD [58.395, 57.12, 57.375], "
+                     "0..255 pixels",
             "resnet": "torchvision-style weights, STRIDE_IN_1X1 False, FrozenBN (eps 1e-5), R101 = 23 res4 blocks",
             "pca_file": {"name": "coco_2017_train_class_agnosticTrue_whitenTrue_sigmoidTrue_60_siz28.npz",
                          "arrays": {"components_c": [1, 60, 784], "mean_c": [1, 784], "ratio_c": [1, 60],
@@ -170,7 +171,8 @@ def deformable_detr_mmdet() -> dict:
     return {
         "source": "deformable-detr (mmdetection 2.x layout)",
         "read_from": ["yingkaining/isda@de2c2f4 (mmdetection 2.17 fork): configs/isda/isda_r50_3x_coco.py load_from = "
-                      "deformable_detr_r50_16x2_50e_coco_20210419_220030-a12b9512.pth; mmdet/models/utils/transformer.py "
+                      "deformable_detr_r50_16x2_50e_coco_20210419_220030-a12b9512.pth; "
+                      "mmdet/models/utils/transformer.py "
                       "(DeformableDetrTransformer: level_embeds, reference_points, query_pos/query split), "
                       "mmdet/models/dense_heads/deformable_detr_head.py (cls_branches, reg_branches, query_embedding)",
                       "mmcv 1.x cnn/bricks/transformer.py (BaseTransformerLayer: attentions, ffns, norms in operation "

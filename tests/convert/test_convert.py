@@ -114,6 +114,12 @@ def targets(num_classes: int) -> list[dict[str, torch.Tensor]]:
              "masks": masks}]
 
 
+def same(state: dict[str, torch.Tensor], src: dict[str, torch.Tensor], pairs: dict[str, str]) -> None:
+    """Each converted tensor equals its source tensor exactly ({target key: source key})."""
+    for target, source in pairs.items():
+        assert torch.equal(state[target], src[source]), (target, source)
+
+
 def forward_both(model) -> None:
     small(model).eval()
     with torch.no_grad():
@@ -131,7 +137,8 @@ def v1(tmp_path_factory):
     d = tmp_path_factory.mktemp("v1")
     src = istr_v1_checkpoint(d / "istr_r50.pth")
     model, report = convert(d / "istr_r50.pth", "istr-v1", out=d / "m.safetensors")
-    return SimpleNamespace(dir=d, src=src, ckpt=d / "istr_r50.pth", model=model, report=report, file=d / "m.safetensors")
+    return SimpleNamespace(dir=d, src=src, ckpt=d / "istr_r50.pth", model=model, report=report,
+                           file=d / "m.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +159,15 @@ def test_istr_v1_manifest_converts_loads_and_runs(v1):
     assert loaded.categories == COCO_CATEGORIES and loaded.config()["image_pool_padding"] is True
     state = loaded.state_dict()
     # a few mappings spelled out against the source
-    assert torch.equal(state["backbone.body.layer3.5.bn2.running_var"], src["backbone.bottom_up.res4.5.conv2.norm.running_var"])
-    assert torch.equal(state["backbone.body.layer1.0.downsample.0.weight"], src["backbone.bottom_up.res2.0.shortcut.weight"])
-    assert torch.equal(state["backbone.neck.inner_blocks.0.0.weight"], src["backbone.fpn_lateral2.weight"])
-    assert torch.equal(state["backbone.neck.layer_blocks.3.0.bias"], src["backbone.fpn_output5.bias"])
-    assert torch.equal(state["stages.4.interaction.generator.weight"], src["head.head_series.4.inst_interact.dynamic_layer.weight"])
-    assert torch.equal(state["stages.2.class_branch.9.bias"], src["head.head_series.2.class_logits.bias"])
-    assert torch.equal(state["stages.5.mask_branch.7.weight"], src["head.head_series.5.mask_module.7.weight"])
-    assert torch.equal(state["query_boxes"], src["init_proposal_boxes.weight"])
-    assert torch.equal(state["codec.explained_variance"], src["mask_encoding.explained_variances"])
+    same(state, src, {"backbone.body.layer3.5.bn2.running_var": "backbone.bottom_up.res4.5.conv2.norm.running_var",
+                      "backbone.body.layer1.0.downsample.0.weight": "backbone.bottom_up.res2.0.shortcut.weight",
+                      "backbone.neck.inner_blocks.0.0.weight": "backbone.fpn_lateral2.weight",
+                      "backbone.neck.layer_blocks.3.0.bias": "backbone.fpn_output5.bias",
+                      "stages.4.interaction.generator.weight": "head.head_series.4.inst_interact.dynamic_layer.weight",
+                      "stages.2.class_branch.9.bias": "head.head_series.2.class_logits.bias",
+                      "stages.5.mask_branch.7.weight": "head.head_series.5.mask_module.7.weight",
+                      "query_boxes": "init_proposal_boxes.weight",
+                      "codec.explained_variance": "mask_encoding.explained_variances"})
     assert loaded.codec.is_fitted
     forward_both(loaded)
 
@@ -189,13 +196,14 @@ def test_deformable_detr_manifest_converts_loads_and_runs(dd, tmp_path):
     ids = torch.tensor(COCO_CATEGORY_IDS)
     assert torch.equal(state["class_embed.weight"], src["class_embed.0.weight"][ids])
     assert torch.equal(state["class_embed.bias"][0], src["class_embed.3.bias"][1])  # person: COCO id 1
-    assert torch.equal(state["backbone.neck.lateral.1.0.weight"], src["input_proj.0.0.weight"])
-    assert torch.equal(state["backbone.neck.extra.0.1.bias"], src["input_proj.3.1.bias"])
-    assert torch.equal(state["transformer.decoder.3.norm1.weight"], src["transformer.decoder.layers.3.norm2.weight"])
-    assert torch.equal(state["transformer.decoder.3.norm2.weight"], src["transformer.decoder.layers.3.norm1.weight"])
-    assert torch.equal(state["transformer.encoder.5.ffn.3.weight"], src["transformer.encoder.layers.5.linear2.weight"])
-    assert torch.equal(state["transformer.query_embedding.weight"], src["query_embed.weight"])
-    assert torch.equal(state["backbone.body.layer4.2.bn3.running_mean"], src["backbone.0.body.layer4.2.bn3.running_mean"])
+    same(state, src, {"backbone.neck.lateral.1.0.weight": "input_proj.0.0.weight",
+                      "backbone.neck.lateral.1.0.bias": "input_proj.0.0.bias",
+                      "backbone.neck.extra.0.1.bias": "input_proj.3.1.bias",
+                      "transformer.decoder.3.norm1.weight": "transformer.decoder.layers.3.norm2.weight",
+                      "transformer.decoder.3.norm2.weight": "transformer.decoder.layers.3.norm1.weight",
+                      "transformer.encoder.5.ffn.3.weight": "transformer.encoder.layers.5.linear2.weight",
+                      "transformer.query_embedding.weight": "query_embed.weight",
+                      "backbone.body.layer4.2.bn3.running_mean": "backbone.0.body.layer4.2.bn3.running_mean"})
     assert loaded.categories == COCO_CATEGORIES
     forward_both(loaded)
 
@@ -320,7 +328,8 @@ def to_deformable_detr(state: dict[str, torch.Tensor], extra_seed: int = 1) -> d
     for i in range(6):  # one module, listed once per decoder layer
         out[f"class_embed.{i}.weight"], out[f"class_embed.{i}.bias"] = w, b
         for j in range(3):
-            out[f"bbox_embed.{i}.layers.{j}.weight"], out[f"bbox_embed.{i}.layers.{j}.bias"] = box[2 * j], box[2 * j + 1]
+            out[f"bbox_embed.{i}.layers.{j}.weight"] = box[2 * j]
+            out[f"bbox_embed.{i}.layers.{j}.bias"] = box[2 * j + 1]
     return out
 
 
@@ -335,10 +344,9 @@ def test_round_trip_istr_v1_bit_identical(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     a, b = small(a).eval(), small(b).eval()
     with torch.no_grad():
-        oa, ob = a([image(5)], all_stages=True), b([image(5)], all_stages=True)
-    for stage_a, stage_b in zip(oa, ob):
-        for key in ("boxes", "scores", "labels", "masks"):
-            assert torch.equal(stage_a[0][key], stage_b[0][key]), key
+        oa, ob = a([image(5)]), b([image(5)])
+    for key in ("boxes", "scores", "labels", "masks"):
+        assert torch.equal(oa[0][key], ob[0][key]), key
 
 
 def test_round_trip_deformable_detr_bit_identical(tmp_path):
@@ -439,7 +447,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(v1, dd, tmp_path):
 
 def test_pca_file_checked(v1, tmp_path):
     src = v1.src
-    comp, mean, var = src["mask_encoding.components"], src["mask_encoding.means"], src["mask_encoding.explained_variances"]
+    comp, mean = src["mask_encoding.components"], src["mask_encoding.means"]
+    var = src["mask_encoding.explained_variances"]
 
     def npz(name, c, m, v):
         np.savez(tmp_path / name, components_c=c.numpy()[None], mean_c=m.numpy()[None],
@@ -489,7 +498,8 @@ def test_other_layouts_named(tmp_path):
 
     def two_stage(sd):
         del sd["query_embed.weight"], sd["transformer.reference_points.weight"], sd["transformer.reference_points.bias"]
-        sd["transformer.enc_output.weight"], sd["transformer.pos_trans.weight"] = torch.zeros(256, 256), torch.zeros(512, 512)
+        sd["transformer.enc_output.weight"] = torch.zeros(256, 256)
+        sd["transformer.pos_trans.weight"] = torch.zeros(512, 512)
 
     dd_checkpoint(tmp_path / "two.pth", edit=two_stage, values=False)
     with pytest.raises(ValueError, match="two-stage"):
