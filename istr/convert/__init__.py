@@ -206,13 +206,19 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _, report = convert(args.source_file, args.source, pca_path=args.pca, out=args.out, model_name=args.model_name,
-                            num_classes=args.num_classes, input_format=args.input_format, pixel_mean=args.pixel_mean,
-                            pixel_std=args.pixel_std, trust_pickle=args.trust_pickle)
+        if Path(args.out).is_dir():
+            raise IsADirectoryError(f"--out {args.out} is a directory; give the model file's path")
+        model, report = convert(args.source_file, args.source, pca_path=args.pca, model_name=args.model_name,
+                                num_classes=args.num_classes, input_format=args.input_format,
+                                pixel_mean=args.pixel_mean, pixel_std=args.pixel_std, trust_pickle=args.trust_pickle)
         if args.report:
             from istr.fileio import atomic_write_bytes
 
             atomic_write_bytes(args.report, json.dumps(report.as_dict(), indent=1).encode())
+        import istr
+
+        istr.save_model(model, args.out)  # last: no model file unless everything before it worked
+        report.notes.append(f"written to {args.out}")
     except (ValueError, TypeError, KeyError, OSError) as exc:
         print(f"istr convert: error: {exc}", file=sys.stderr)
         return 2
