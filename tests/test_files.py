@@ -264,3 +264,17 @@ def test_verify_checkpoint_and_an_unreadable_last_pointer(model_file, tmp_path):
     (root / "iter_0000005" / "trainer_state.pt").unlink()
     with pytest.raises(FileNotFoundError, match="trainer_state.pt is missing"):
         verify_checkpoint(root / "iter_0000005")
+
+
+def test_read_json_names_the_file_for_every_decode_error(tmp_path):
+    from istr.fileio import read_json
+
+    cases = {"latin1.json": (b'{"name": "caf\xe9"}', r"run record .*latin1.json is not UTF-8 text"),
+             "torn.json": (b'{"a": [1, 2', r"run record .*torn.json is not valid JSON: .* line 1 column 12"),
+             "empty.json": (b"", r"run record .*empty.json is not valid JSON: Expecting value at line 1 column 1")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message):
+            read_json(tmp_path / name, "run record")
+    (tmp_path / "ok.json").write_bytes('{"name": "café"}'.encode())
+    assert read_json(tmp_path / "ok.json") == {"name": "café"}
