@@ -10,26 +10,34 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pickle
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import safe_open
+from torch.utils.data import Subset
 
+import istr
 from istr.checks import check_device, check_number
 from istr.codecs import CODECS, create_codec, load_codec
 from istr.data import CocoInstances, build_transforms, load_image
 from istr.data.coco import describe_stats
 from istr.engine.config import TrainConfig
+from istr.engine.distributed import cleanup_distributed
 from istr.engine.evaluate import evaluate
 from istr.engine.fit_codec import coco_mask_grids
 from istr.engine.predict import predict
-from istr.engine.rundir import RunDir, RunLockedError
+from istr.engine.rundir import RunDir, RunLockedError, write_error
 from istr.engine.train_loop import Trainer
 from istr.fileio import atomic_write_bytes, check_readable_file, read_json
 from istr.io import CorruptFileError, MODEL_FILE, load_model
 from istr.models import create_model, default_model, list_models, preset_info
+from istr.viz import draw_instances, save_image
 
 __all__ = ["main", "build_parser", "resolve_model_path", "parse_key_values"]
 
@@ -81,8 +89,6 @@ def _is_non_empty_dir(path: Path) -> bool:
 
 def _check_writable_parent(path: Path, flag: str) -> None:
     """The nearest existing folder above `path` must be a folder we may write in (path itself is created later)."""
-    import os
-
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -273,8 +279,6 @@ def _read_grids(ann_files: Sequence[str], mask_size: int, **kwargs: Any):
 
 def _save_codec(codec, out: Path, masks: int) -> None:
     """codec.save(out); a failed write (a full disk) leaves no file and says which path and how much space."""
-    from istr.engine.rundir import write_error
-
     try:
         codec.save(out)
     except Exception as exc:
@@ -313,8 +317,6 @@ def cmd_fit_codec(args: argparse.Namespace) -> int:
 
 def _resume(trainer: Trainer, path: Path) -> None:
     """trainer.resume(path), with a truncated or corrupt checkpoint reported as a ValueError naming it."""
-    import pickle
-
     try:
         trainer.resume(path)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, CorruptFileError) as exc:
@@ -328,8 +330,6 @@ def _resume(trainer: Trainer, path: Path) -> None:
 def _check_same_codec(codec, checkpoint: Path, flag: str) -> None:
     """Refuse --codec on --resume when it is not the codec the checkpoint's model holds (it would be replaced by the
     checkpoint's without a word)."""
-    from safetensors import safe_open
-
     mine = {f"codec.{k}": v for k, v in codec.state_dict().items()}
     try:
         with safe_open(str(checkpoint / MODEL_FILE), framework="pt") as f:
@@ -345,8 +345,6 @@ def _check_same_codec(codec, checkpoint: Path, flag: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from istr.engine.distributed import cleanup_distributed
-
     # every check that needs no data comes first
     _check_model_name(args.model)
     model_args = parse_key_values(args.model_arg, "--model-arg")
@@ -416,8 +414,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.detections is not None:
         model.detections_per_image = args.detections
     if args.max_images is not None:
-        from torch.utils.data import Subset
-
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     metrics = evaluate(model, dataset, batch_size=args.batch_size, all_stages=args.all_stages,
                        results_path=results, progress=not args.no_progress)
@@ -442,8 +438,6 @@ def _category_names(ann: str | Path) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from istr.viz import draw_instances, save_image
-
     out = _check_out_dir(args.out, "--out", args.overwrite)
     for path in args.images:
         check_readable_file(path, "image file")
@@ -473,7 +467,7 @@ DEMO_OUTPUTS = ("train", "overlays", "report.md", "metrics.json", "loss_curve.pn
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from istr.demo import run_demo
+    from istr.demo import run_demo  # the demo's recipe library: imported only by the command that runs it
 
     out = _check_out_dir(args.out, "--out", args.overwrite)
     if args.backbone_checkpoint is not None:
@@ -543,8 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model preset on COCO-format data. The model prepares itself on the "
                        "training annotations first (model.prepare_training: e.g. ISTR fits its codec unless --codec "
                        "gives a fitted one). Writes OUT/log.jsonl, OUT/checkpoints/, OUT/model.safetensors, "
-                       "OUT/run.json; one process at a time writes OUT. Multi-GPU: torchrun --nproc_per_node N -m "
-                       "istr train ...")
+                       "OUT/run.json; one process at a time writes OUT. An error that ends training (an image that "
+                       "cannot be decoded, a full disk, ...) first checkpoints the last finished step: fix the cause and "
+                       "--resume. Multi-GPU: torchrun --nproc_per_node N -m istr train ...")
     _add_data_args(p, ("train", "val"))
     p.add_argument("--model", default=default, help=f"model preset (istr.list_models()); default {default}")
     p.add_argument("--model-arg", nargs="*", metavar="K=V", help="preset overrides, e.g. num_queries=20 min_size=128")
@@ -646,9 +641,7 @@ def _check_device_flag(device: str | None) -> None:
 
 
 def _version() -> str:
-    from istr import __version__
-
-    return f"istr {__version__}"
+    return f"istr {istr.__version__}"
 
 
 # errors of bad input (arguments, files, data) end `istr` with one line and status 2; -v adds the traceback.
@@ -670,8 +663,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         if args.verbose:
-            import traceback
-
             traceback.print_exc()
         parser.exit(2, f"istr {args.command}: error: {_error_text(exc)}\n")
     return 1

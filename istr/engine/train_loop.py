@@ -23,13 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from istr.engine import checkpoint as ckpt
+from istr.engine.checkpoint import checkpoint_bytes
 from istr.engine import distributed as dist_utils
 from istr.engine import hooks as run_hooks
 from istr.engine.callbacks import Callback, PeriodicCheckpoint, PeriodicEvaluation, TimeBudget
 from istr.engine.config import FIXED_ON_RESUME, TrainConfig, config_dict, resolve_config
 from istr.engine.fingerprint import compare_fingerprints, dataset_fingerprint
 from istr.engine.optim import build_optimizer, build_scheduler, param_groups
-from istr.engine.rundir import RunDir
+from istr.engine.rundir import RunDir, write_error
 from istr.engine.sampler import ResumableBatchSampler, SeededDataset
 from istr.engine.train_data import (IndexedCollate, adopt_categories, check_dataset_files, default_collate, to_device,
                                     val_paths)
@@ -219,8 +220,15 @@ class Trainer:
         """Write the final weights to RUN/model.safetensors (rank 0; other ranks return None)."""
         if not self.is_main:
             return None
-        save_model(self.module, self.rundir.model_file)
-        return self.rundir.model_file
+        path = self.rundir.model_file
+        try:
+            save_model(self.module, path)
+        except Exception as exc:  # a full disk: the temporary file is gone; say where and how much
+            failure = write_error(path, checkpoint_bytes(self.module, {}), exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        return path
 
     def rewind_step(self) -> None:
         """Undo the bookkeeping of a step that failed part-way (data order position and RNG state), so a checkpoint
