@@ -124,8 +124,9 @@ def load_source_checkpoint(path: str | Path, what: str, trust_pickle: bool = Fal
 def source_state_dict(ckpt: Any, path: str | Path, what: str,
                       entries: tuple[str, ...] = ("model",)) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The weights of a loaded checkpoint (its first entry named in `entries`: "model" for detectron2 and DETR
-    files, "state_dict" for mmdetection's) as tensors, and the names of its other top-level entries. ValueError
-    when there is no such dict of tensors (naming what there is instead)."""
+    files, "state_dict" for mmdetection's) as tensors (a DistributedDataParallel "module." prefix removed), and the
+    names of its other top-level entries. ValueError when there is no such dict of tensors (naming what there is
+    instead)."""
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected a {what} "
                          "(a dict with a 'model' state dict)")
@@ -149,6 +150,8 @@ def source_state_dict(ckpt: Any, path: str | Path, what: str,
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: {entry} entry {key!r} is a {type(value).__name__}, not a tensor")
         tensors[str(key)] = value
+    if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors, [str(k) for k in ckpt if k != entry]
 
 

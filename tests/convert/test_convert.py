@@ -445,6 +445,20 @@ def test_bad_inputs_fail_clearly_and_write_nothing(v1, dd, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".never*"))
 
 
+def test_source_state_dict_entries():
+    from istr.convert.common import source_state_dict
+
+    w = torch.zeros(2)
+    assert source_state_dict({"model": {"module.a.weight": w}}, "f", "x")[0].keys() == {"a.weight"}  # DDP prefix
+    tensors, others = source_state_dict({"meta": {}, "state_dict": {"a": w}}, "f", "x", entries=("model", "state_dict"))
+    assert list(tensors) == ["a"] and others == ["meta"]
+    assert torch.equal(source_state_dict({"model": {"a": np.ones(2)}}, "f", "x")[0]["a"], torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'b' is a str, not a tensor|entry 'b' is a str"):
+        source_state_dict({"model": {"a": w, "b": "text"}}, "f", "x")
+    with pytest.raises(ValueError, match="holds a list"):
+        source_state_dict([w], "f", "x")
+
+
 def test_pca_file_checked(v1, tmp_path):
     src = v1.src
     comp, mean = src["mask_encoding.components"], src["mask_encoding.means"]
