@@ -51,7 +51,7 @@ class PeriodicCheckpoint(Callback):
     """trainer.save_checkpoint() every `every` iterations."""
 
     def __init__(self, every: int) -> None:
-        self.every = int(every)
+        self.every = check_number("every", every, integer=True, min=0)
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         if self.every and trainer.iteration % self.every == 0:
@@ -62,7 +62,7 @@ class PeriodicEvaluation(Callback):
     """trainer.evaluate() every `every` iterations (a no-op without a validation set)."""
 
     def __init__(self, every: int) -> None:
-        self.every = int(every)
+        self.every = check_number("every", every, integer=True, min=0)
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:
         if self.every and trainer.iteration % self.every == 0:
@@ -78,8 +78,13 @@ class StepTimer(Callback):
 
     def __init__(self, calibrate: int = 10, slow_factor: float = 3.0, warn_every: int = 50, echo=print,
                  skip: int = 5) -> None:
-        self.calibrate, self.slow_factor, self.warn_every, self.echo = int(calibrate), float(slow_factor), int(warn_every), echo
-        self.skip = max(0, int(skip))
+        self.calibrate = check_number("calibrate", calibrate, integer=True, min=1)
+        self.slow_factor = check_number("slow_factor", slow_factor, min=1)
+        self.warn_every = check_number("warn_every", warn_every, integer=True, min=0)
+        self.skip = check_number("skip", skip, integer=True, min=0)
+        if not callable(echo):
+            raise TypeError(f"echo must be callable (e.g. print), got {type(echo).__name__}")
+        self.echo = echo
         self._skip, self._calibrate = self.skip, self.calibrate  # this run's windows (on_train_start fits them)
         self.times: list[float] = []
         self.last_warning = -10**9
@@ -122,9 +127,9 @@ class ScheduleToBudget(Callback):
     not."""
 
     def __init__(self, decay_at: float = 0.8, calibrate: int = 20, every: int = 10) -> None:
-        if not 0 < decay_at < 1:
-            raise ValueError(f"decay_at must be in (0, 1), got {decay_at}")
-        self.decay_at, self.calibrate, self.every = float(decay_at), max(1, int(calibrate)), max(1, int(every))
+        self.decay_at = check_number("decay_at", decay_at, min=0, max=1, min_inclusive=False, max_inclusive=False)
+        self.calibrate = check_number("calibrate", calibrate, integer=True, min=1)
+        self.every = check_number("every", every, integer=True, min=1)
         self.start: float | None = None
 
     def on_step_end(self, trainer: Any, losses: dict[str, float]) -> None:

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from istr.checks import check_number
 from istr.data.results import validate_coco_results
 from istr.fileio import atomic_write_bytes
 
@@ -52,6 +53,7 @@ def results_to_coco(
     Returns [{"image_id", "category_id" (original COCO id), "score", "bbox": [x, y, w, h] from the predicted
     boxes, "segmentation": compressed RLE with counts as str (if masks given)}], in input order.
     """
+    mask_threshold = check_number("mask_threshold", mask_threshold, min=0, max=1)
     if len(results) != len(image_ids):
         raise ValueError(f"got {len(results)} results but {len(image_ids)} image ids")
     to_category = _category_lookup(label_to_category_id)

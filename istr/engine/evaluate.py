@@ -13,6 +13,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from istr.checks import check_bool, check_number
 from istr.engine import distributed as dist_utils
 from istr.engine.coco_metric import METRIC_NAMES, as_coco, coco_evaluate, results_to_coco, score_results
 
@@ -87,6 +88,12 @@ def evaluate(
     metrics broadcast, so every rank returns the same dict. Pass distributed=False to evaluate the whole
     dataset in this process alone (e.g. when only rank 0 calls it).
     """
+    batch_size = check_number("batch_size", batch_size, integer=True, min=1)
+    num_workers = check_number("num_workers", num_workers, integer=True, min=0)
+    mask_threshold = check_number("mask_threshold", mask_threshold, min=0, max=1)
+    all_stages, progress = check_bool("all_stages", all_stages), check_bool("progress", progress)
+    if distributed is not None:
+        check_bool("distributed", distributed)
     base = _base_dataset(dataset)
     coco_gt = as_coco(coco_gt) if coco_gt is not None else getattr(base, "coco", None)
     if label_to_category_id is None:

@@ -6,6 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from istr.checks import check_bool, check_number
+
 __all__ = ["predict"]
 
 ImageLike = Any  # str | Path | torch.Tensor | PIL.Image.Image
@@ -66,9 +68,10 @@ def predict(
     all_stages=True returns, per stage, such results (model(images, all_stages=True)).
     The model's train/eval mode is restored afterwards.
     """
+    batch_size = check_number("batch_size", batch_size, integer=True, min=1)
+    score_threshold = check_number("score_threshold", score_threshold, min=0, max=1, allow_none=True)
+    all_stages = check_bool("all_stages", all_stages)
     items, single = _as_items(images)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")

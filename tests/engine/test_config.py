@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from istr.cli import build_parser, config_from_args
-from istr.engine import LIBRARY_DEFAULTS, RECIPE_FIELDS, RunDir, TrainConfig, Trainer, resolve_config
+from istr.engine import (LIBRARY_DEFAULTS, RECIPE_FIELDS, RunDir, TrainConfig, Trainer, evaluate, predict,
+                         resolve_config, results_to_coco)
+from istr.engine.callbacks import ScheduleToBudget, StepTimer, TimeBudget
 from train_utils import datasets, make_data, tiny_model
 
 
@@ -89,3 +91,23 @@ def test_weights_and_losses_unchanged_by_the_split(data, tmp_path):
         Trainer(tiny_model(data["train_annotations"]), train_set, cfg, out_dir=tmp_path / str(i)).train()
         losses.append([r["loss"] for r in RunDir(tmp_path / str(i)).read_log() if "event" not in r])
     assert losses[0] == losses[1] and len(losses[0]) == 2 and torch.isfinite(torch.tensor(losses[0])).all()
+
+
+_NET = torch.nn.Identity()
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: predict(_NET, [], score_threshold=1.5), "score_threshold must be <= 1"),
+    (lambda: predict(_NET, [], score_threshold=float("nan")), "score_threshold must be a finite number"),
+    (lambda: predict(_NET, [], batch_size=0), "batch_size must be >= 1"),
+    (lambda: evaluate(_NET, None, batch_size=1.5), "batch_size must be an int"),
+    (lambda: evaluate(_NET, None, mask_threshold=float("nan")), "mask_threshold must be a finite number"),
+    (lambda: evaluate(_NET, None, all_stages="False"), "all_stages must be a bool"),
+    (lambda: results_to_coco([], [], [1], mask_threshold=2), "mask_threshold must be <= 1"),
+    (lambda: TimeBudget(float("nan")), "minutes must be a finite number"),
+    (lambda: StepTimer(calibrate=0), "calibrate must be >= 1"),
+    (lambda: ScheduleToBudget(float("nan")), "decay_at must be a finite number"),
+])
+def test_engine_functions_check_their_numbers(call, text):
+    with pytest.raises(ValueError, match=text):
+        call()
