@@ -60,13 +60,14 @@ def value_and_grads(fn, inputs, upstream=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shapes", list(SHAPES.values()), ids=list(SHAPES))
-def test_gather_equals_grid_sample(shapes, dtype):
-    inputs = make_inputs(shapes, dtype)
+@pytest.mark.parametrize("n_q", [4, 50], ids=["few_queries", "many_queries"])  # fewer / more corners than the
+def test_gather_equals_grid_sample(shapes, dtype, n_q):  # bordered table has rows: each value-gradient path
+    inputs = make_inputs(shapes, dtype, n_q=n_q)
     assert ((inputs[1] < 0) | (inputs[1] > 1)).any() and (inputs[1] < -2).any()
     out, grads, upstream = value_and_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, impl="gather"), inputs)
     ref, ref_grads, _ = value_and_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, impl="grid_sample"),
                                         inputs, upstream)
-    assert out.dtype == dtype and out.shape == (2, 4, 3 * 5)
+    assert out.dtype == dtype and out.shape == (2, n_q, 3 * 5)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
         assert got.dtype == dtype
@@ -74,9 +75,13 @@ def test_gather_equals_grid_sample(shapes, dtype):
 
 
 @pytest.mark.parametrize("impl", ["gather", "grid_sample"])
-def test_both_equal_the_per_point_loop(impl):
-    shapes = SHAPES["odd"]
-    inputs = make_inputs(shapes, torch.float64, n_q=2, n_points=2, seed=3)
+@pytest.mark.parametrize("case", ["few_queries", "many_queries"])
+def test_both_equal_the_per_point_loop(impl, case):
+    if case == "few_queries":
+        shapes, inputs = SHAPES["odd"], make_inputs(SHAPES["odd"], torch.float64, n_q=2, n_points=2, seed=3)
+    else:  # 2 x 8 x 4 x 2 corners read a table of 2 x 42 rows
+        shapes = [(2, 3)]
+        inputs = make_inputs(shapes, torch.float64, n_q=8, n_heads=1, n_points=2, seed=3)
     out, grads, upstream = value_and_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, impl=impl), inputs)
     ref, ref_grads, _ = value_and_grads(lambda v, l, w: loop_reference(v, shapes, l, w), inputs, upstream)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -161,3 +166,20 @@ def test_gather_rejects_what_grid_sample_rejects():
         ms_deform_attn(value, [(5, 7), (3, 4), (1, 4)], locations, weights, impl="gather")
     with pytest.raises(ValueError, match=r"attention_weights: expected \[N, Lq, M, L, P\]"):
         ms_deform_attn(value, SHAPES["odd"], locations, weights[..., :1], impl="gather")
+
+
+def test_gather_under_bf16_autocast_matches_grid_sample_loosely():
+    shapes = SHAPES["odd"]
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, n_q=50, seed=8))
+    results = []
+    for impl in ("gather", "grid_sample"):
+        inputs = [value.to(torch.bfloat16).requires_grad_(), locations.clone().requires_grad_(),
+                  weights.clone().requires_grad_()]  # as MSDA gets them under autocast: value bf16, the rest fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ms_deform_attn(inputs[0], shapes, inputs[1], inputs[2], impl=impl)
+        grads = torch.autograd.grad(out.float().square().sum(), inputs)
+        results.append([out.float()] + [g.float() for g in grads])
+    for name, got, want in zip(("out", "value", "sampling_locations", "attention_weights"), *results):
+        assert torch.isfinite(got).all()
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * scale, msg=lambda m, name=name: f"{name}: {m}")
