@@ -262,7 +262,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-# ISTR v1's codec (what istr.create_model("istr_r50_fpn_pca60") uses): `istr fit-codec`'s default for --codec pca
+# the paper's codec (ISTR v1: whitened PCA of mask logits): `istr fit-codec`'s default for --codec pca
 PCA_DEFAULTS: dict[str, Any] = {"whiten": True, "logit_space": True}
 
 
