@@ -8,18 +8,24 @@ A family (ISTR, ISDA, or a third one added from outside the package) subclasses 
         def __init__(self, backbone, num_classes=80, *, criterion=None, num_queries=100, ...): ...
         def forward(self, images, targets=None, all_stages=False): ...
 
+A family that can leave Python names its export head (istr.export): `export_head_class = "package.module:Class"`,
+an `istr.export.ExportHead` subclass built as Class(model); the base model raises NotImplementedError naming the
+family.
+
 Its constructor's arguments ARE its config: `config()` returns them (modules by their own configs) and
 `from_config(config)` calls the constructor with them, so save_model / load_model need no hand-written patch.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from istr.checks import check_bool, check_number
 from istr.losses.criterion import criterion_config, criterion_from_config
 from istr.models.backbone import build_backbone
 from istr.models.targets import check_targets
@@ -75,6 +81,26 @@ def grouped(infer: Callable, images: list[torch.Tensor], groups: list[list[int]]
     return merged if all_stages else merged[0]
 
 
+# constructor arguments checked by their annotation before any family code sees them: a bool option takes only
+# booleans ("False" is refused, not read as true), a number only numbers (finite; ints where an int is declared)
+_TYPE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "bool": check_bool,
+    "int": lambda name, v: check_number(name, v, integer=True),
+    "float": check_number,
+    "int | None": lambda name, v: check_number(name, v, integer=True, allow_none=True),
+    "float | None": lambda name, v: check_number(name, v, allow_none=True),
+}
+
+
+def _check_argument_types(signature: inspect.Signature, arguments: dict[str, Any], owner: str) -> None:
+    for name, value in arguments.items():
+        param = signature.parameters.get(name)
+        check = _TYPE_CHECKS.get(param.annotation if isinstance(param.annotation, str) else getattr(
+            param.annotation, "__name__", "")) if param is not None else None
+        if check is not None:
+            check(f"{name} ({owner})", value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
@@ -94,12 +120,15 @@ class DetectionModel(nn.Module):
       also attributes of the model (detections_per_image, mask_threshold, ...) are read back from them by config(),
       so a changed threshold is saved.
     - `renamed_args`: {old name: new name} for model files written before an argument was renamed.
+    - `export_head_class`: "package.module:Class" of the family's export head (see export_head()).
 
     Instance attributes set by create_model / load_model / the Trainer: `preset` (name or None), `recipe` (the
     preset's training recipe: TrainConfig field overrides), `categories` ([{"id", "name"}] per label or None).
     """
 
     module_args: tuple[str, ...] = ("backbone", "criterion")
+    # "package.module:Class" of the family's export head (an istr.export.ExportHead built as Class(model)); None: none
+    export_head_class: str | None = None
     inference_options: frozenset = frozenset({"preset", "recipe", "criterion", "min_size", "max_size",
                                               "train_min_sizes", "detections_per_image", "mask_threshold"})
     renamed_args: dict[str, str] = {}
@@ -114,9 +143,10 @@ class DetectionModel(nn.Module):
 
         @functools.wraps(init)
         def __init__(self, *args: Any, **kw: Any) -> None:
+            bound = signature.bind(self, *args, **kw)
+            _check_argument_types(signature, bound.arguments, cls.__name__)
             init(self, *args, **kw)
             if type(self).__init__ is __init__:
-                bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
                 arguments.pop(next(iter(signature.parameters)))  # self
@@ -203,10 +233,36 @@ class DetectionModel(nn.Module):
         one-line description of what was done, or None. The base model needs nothing."""
         return None
 
+    def export_head(self) -> nn.Module:
+        """The family's tensor-in / tensor-out inference graph (istr.export.ExportHead, built from this model):
+        images [B, 3, H, W] in [0, 1] + sizes [B, 2] -> boxes, scores, labels, masks, valid (see istr.export).
+        NotImplementedError naming the family when it declares no `export_head_class`."""
+        family = getattr(type(self), "architecture", None) or type(self).__name__
+        if not self.export_head_class:
+            raise NotImplementedError(
+                f"the {family!r} model family ({type(self).__name__}) declares no export head, so it cannot be "
+                "exported: give the class export_head_class = 'package.module:HeadClass', an istr.export.ExportHead "
+                "subclass built as HeadClass(model) (see istr/models/istr/export.py)")
+        module_name, _, class_name = self.export_head_class.partition(":")
+        head_class = getattr(importlib.import_module(module_name), class_name, None)
+        if head_class is None:
+            raise NotImplementedError(f"the {family!r} model family names the export head {self.export_head_class!r}, "
+                                      f"but {module_name} has no {class_name!r}")
+        return head_class(self)
+
     def check_call(self, images: Any, targets: Any, all_stages: bool,
                    device: torch.device) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """The checks of forward(images, targets, all_stages): valid images on `device`; in train mode targets
-        (checked) and a criterion, no all_stages; in eval mode no targets. Returns (images, their (h, w) sizes)."""
+        (checked) and a criterion, no all_stages; in eval mode no targets. Returns (images, their (h, w) sizes).
+
+        forward is Python around the network (value checks, per-image loops, data-dependent shapes): a graph
+        traced from it would be frozen to the traced images, so tracing it is refused; export with istr.export."""
+        if torch.jit.is_tracing() or getattr(torch.compiler, "is_exporting", lambda: False)():
+            raise RuntimeError(
+                f"{type(self).__name__}.forward cannot be traced or exported (torch.jit.trace, the legacy "
+                "torch.onnx.export(..., dynamo=False) and torch.export would freeze its per-image Python to the traced "
+                "images): export with istr.export.export(model, path, format='onnx' | 'pt2'), or export "
+                "model.export_head() with torch.export / torch.onnx.export(..., dynamo=True)")
         images = check_images(images)
         if any(img.device != device for img in images):
             raise ValueError(f"images must be on the model's device {device}, got "

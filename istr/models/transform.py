@@ -42,7 +42,8 @@ def check_images(images: Any) -> list[torch.Tensor]:
             raise NonFiniteError(f"images[{i}] contains NaN or inf values")
         if hi > 1.0 + 1e-3 or lo < -1e-3:
             raise ValueError(f"images[{i}] must hold values in [0, 1], got [{lo:g}, {hi:g}]"
-                             + (" (0..255 pixels: divide by 255)" if hi > 2 else ""))
+                             + (" (0..65535 pixels, 16-bit: divide by 65535, or use istr.data.image_tensor)"
+                                if hi > 255 else " (0..255 pixels: divide by 255)" if hi > 2 else ""))
     return list(images)
 
 
