@@ -6,8 +6,10 @@ code, written by make_manifests.py). Their tensors are views into one random poo
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -246,6 +248,118 @@ def test_deformable_detr_mmdetection_layout(tmp_path):
     torch.save({"meta": {"CLASSES": ("cat", "dog")}, "state_dict": src}, tmp_path / "mm2.pth")
     with pytest.raises(ValueError, match="2 classes"):
         convert(tmp_path / "mm2.pth", "deformable-detr")
+
+
+# ---------------------------------------------------------------------------------------------------- v1 reference
+def d2_backbone(src: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """detectron2's ResNet (STRIDE_IN_1X1=False, FrozenBN) + FPN, written from the source keys: P2..P5."""
+    def conv_bn(name, x, stride=1, padding=0, relu=True):
+        w = src[f"backbone.bottom_up.{name}.weight"]
+        n = {k: src[f"backbone.bottom_up.{name}.norm.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
+        scale = n["weight"] * (n["running_var"] + 1e-5).rsqrt()
+        y = F.conv2d(x, w, stride=stride, padding=padding) * scale[:, None, None] + \
+            (n["bias"] - n["running_mean"] * scale)[:, None, None]
+        return F.relu(y) if relu else y
+
+    x = F.max_pool2d(conv_bn("stem.conv1", x, 2, 3), 3, 2, 1)
+    feats = []
+    for s, blocks in zip(range(2, 6), (3, 4, 6, 3)):
+        for b in range(blocks):
+            stride = 2 if (b == 0 and s > 2) else 1
+            y = conv_bn(f"res{s}.{b}.conv1", x)
+            y = conv_bn(f"res{s}.{b}.conv2", y, stride, 1)
+            y = conv_bn(f"res{s}.{b}.conv3", y, relu=False)
+            short = conv_bn(f"res{s}.{b}.shortcut", x, stride, relu=False) if b == 0 else x
+            x = F.relu(y + short)
+        feats.append(x)
+    lat = [F.conv2d(f, src[f"backbone.fpn_lateral{k}.weight"], src[f"backbone.fpn_lateral{k}.bias"])
+           for k, f in zip(range(2, 6), feats)]
+    prev, outs = lat[3], {}
+    for k in (5, 4, 3, 2):
+        if k < 5:
+            prev = lat[k - 2] + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+        outs[k] = F.conv2d(prev, src[f"backbone.fpn_output{k}.weight"], src[f"backbone.fpn_output{k}.bias"], padding=1)
+    return [outs[k] for k in (2, 3, 4, 5)]
+
+
+def v1_stage(src: dict[str, torch.Tensor], i: int, feats: list[torch.Tensor], boxes: torch.Tensor,
+             queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stage of the authors' v1 head (RCNNHead + DynamicConv) from the source keys, on one image:
+    boxes [K, 4] xyxy, queries [K, d] -> (queries, class logits, new boxes, mask embeddings)."""
+    from torchvision.ops import roi_align
+
+    def p(name):
+        return src[f"head.head_series.{i}.{name}"]
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], p(f"{name}.weight"), p(f"{name}.bias"))
+
+    k, d = queries.shape
+    # ROIPooler "ROIAlignV2": level floor(4 + log2(sqrt(area) / 224)), clamped to P2..P5; aligned, sampling 2
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5).long()
+    rois = torch.stack([roi_align(feats[int(lv) - 2], [box[None]], 7, 1.0 / 2 ** int(lv), 2, aligned=True)[0]
+                        for box, lv in zip(boxes, level)])  # [K, d, 7, 7]
+    q = queries[:, None]  # [K, 1, d]: (sequence, batch, channels) as nn.MultiheadAttention's default
+    attn, _ = F.multi_head_attention_forward(q, q, q, d, 8, p("self_attn.in_proj_weight"), p("self_attn.in_proj_bias"),
+                                             None, None, False, 0.0, p("self_attn.out_proj.weight"),
+                                             p("self_attn.out_proj.bias"), training=False, need_weights=False)
+    q = ln((q + attn)[:, 0], "norm1")
+    params = F.linear(q, p("inst_interact.dynamic_layer.weight"), p("inst_interact.dynamic_layer.bias"))
+    w1, w2 = params[:, : d * 64].view(k, d, 64), params[:, d * 64:].view(k, 64, d)
+    x = rois.flatten(2).transpose(1, 2)  # [K, 49, d]
+    x = F.elu(ln(torch.bmm(x, w1), "inst_interact.norm1"))
+    x = F.elu(ln(torch.bmm(x, w2), "inst_interact.norm2"))
+    x = F.elu(ln(F.linear(x.flatten(1), p("inst_interact.out_layer.weight"), p("inst_interact.out_layer.bias")),
+                 "inst_interact.norm3"))
+    q = ln(q + x, "norm2")
+    ffn = F.linear(F.elu(F.linear(q, p("linear1.weight"), p("linear1.bias"))), p("linear2.weight"), p("linear2.bias"))
+    q = ln(q + ffn, "norm3")
+
+    def branch(module, last):
+        h = q
+        for j in (0, 3, 6):
+            h = F.elu(ln(F.linear(h, p(f"{module}.{j}.weight")), f"{module}.{j + 1}"))
+        return F.linear(h, p(f"{last}.weight"), p(f"{last}.bias"))
+
+    logits, deltas, embeds = branch("cls_module", "class_logits"), branch("reg_module", "bboxes_delta"), \
+        branch("mask_module", "mask_logits")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cx, cy = boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
+    dw, dh = deltas[:, 2].clamp(max=math.log(1e5 / 16)), deltas[:, 3].clamp(max=math.log(1e5 / 16))
+    pcx, pcy, pw, ph = cx + deltas[:, 0] / 2 * w, cy + deltas[:, 1] / 2 * h, w * dw.exp(), h * dh.exp()
+    new = torch.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], 1)
+    return q, logits, new, embeds
+
+
+def test_v1_converted_matches_the_authors_computation(v1):
+    """The converted backbone, FPN and a head stage compute what the authors' v1 modules compute from the source
+    weights (written here from their structure, independently of the converter's key map)."""
+    from istr.convert.istr_v1 import convert_istr_v1_state
+
+    # He-scaled convs and BN scales near 1, so the 50 layers carry the input's signal (at the pool's 0.02 scale
+    # every block's output would be its BN bias, and a swapped BN would go unnoticed); converted into a copy of
+    # the fixture's model
+    src = {k: v * math.sqrt(2 / v[0].numel()) / 0.02 if v.dim() == 4 else
+           v.abs() / 0.02 if k.startswith("backbone.") and k.endswith("norm.weight") else v for k, v in v1.src.items()}
+    model = copy.deepcopy(v1.model)
+    model.load_state_dict(convert_istr_v1_state(src, model.state_dict())[0])
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))  # a normalised, padded input
+    with torch.no_grad():
+        ref, ours = d2_backbone(src, x), model.backbone(x)
+        for r, o in zip(ref, ours):
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+        g = torch.Generator().manual_seed(8)
+        xy = torch.rand(12, 2, generator=g) * torch.tensor([60.0, 40.0])
+        boxes = torch.cat([xy, xy + 8 + torch.rand(12, 2, generator=g) * 40], 1)  # [K, 4] xyxy, levels P2..P3
+        queries = torch.randn(12, 256, generator=g)
+        for i in (0, 5):
+            rq, rl, rb, re_ = v1_stage(src, i, ref, boxes, queries)
+            stage = model.stages[i]
+            oq, ol, ob = stage(ours, boxes[None], queries[None])
+            oe = stage.mask_embeds(oq, ob, ours)
+            for o, r in ((oq[0], rq), (ol[0], rl), (ob[0], rb), (oe[0], re_)):
+                torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- round trips

@@ -23,7 +23,7 @@ from istr.data import CocoInstances, load_image, pil_to_tensor, read_coco_annota
 from istr.engine.fit_codec import coco_mask_grids
 from set_utils import blobs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ 1. PCA

@@ -367,7 +367,7 @@ def test_codec_benchmark_script_smoke(coco_pool_train_json, coco_pool_val_json, 
 
     from istr.ops import paste_masks
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "codecs.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "codecs.py"
     spec = importlib.util.spec_from_file_location("codec_benchmark", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -12,7 +12,7 @@ from PIL import Image
 from istr.data import CocoInstances, boxes_from_masks, build_transforms, collate_fn, load_image
 from istr.data.transforms import Compose, RandomRelativeCrop
 
-TINY = Path(__file__).parents[2] / "shared" / "data" / "coco_tiny100"
+TINY = Path(__file__).parents[3] / "shared" / "data" / "coco_tiny100"
 
 
 @pytest.fixture(scope="module")
