@@ -16,7 +16,8 @@ from typing import Any
 from istr.engine.callbacks import Callback
 from istr.errors import NonFiniteError
 
-__all__ = ["LogWriter", "ProgressBar", "SignalHandler", "EndOfRun", "CheckpointOnError", "run_hooks"]
+__all__ = ["LogWriter", "ProgressBar", "SignalHandler", "EndOfRun", "CheckpointOnError", "run_hooks",
+           "notify_exception"]
 
 logger = logging.getLogger("istr.engine.train")
 
@@ -68,7 +69,8 @@ class ProgressBar(Callback):
             self.bar.close()
             self.bar = None
 
-    on_exception = lambda self, trainer, exc: self.on_train_end(trainer)  # noqa: E731
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        self.on_train_end(trainer)
 
 
 class SignalHandler(Callback):

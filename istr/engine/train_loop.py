@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -442,8 +443,6 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether to stop after this step (any rank's signal or stop() counts; all ranks agree)."""
-        import signal
-
         flags = torch.tensor([float(self.pending_signal is not None), float(self._stop_reason is not None)],
                              device=self.device)
         flags = dist_utils.all_reduce_sum(flags)
