@@ -337,11 +337,17 @@ def test_v1_converted_matches_the_authors_computation(v1):
     weights (written here from their structure, independently of the converter's key map)."""
     from istr.convert.istr_v1 import convert_istr_v1_state
 
-    # He-scaled convs and BN scales near 1, so the 50 layers carry the input's signal (at the pool's 0.02 scale
-    # every block's output would be its BN bias, and a swapped BN would go unnoticed); converted into a copy of
-    # the fixture's model
-    src = {k: v * math.sqrt(2 / v[0].numel()) / 0.02 if v.dim() == 4 else
-           v.abs() / 0.02 if k.startswith("backbone.") and k.endswith("norm.weight") else v for k, v in v1.src.items()}
+    # He-scaled convs, BN scales |N(0, 0.5)| and FPN biases N(0, 1), so the 50 layers carry the input's signal
+    # and every tensor shows in the output (at the pool's 0.02 scale each block's output would be its BN bias: a
+    # swapped BN went unnoticed); converted into a copy of the fixture's model
+    def scaled(k: str, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() == 4:
+            return v * math.sqrt(2 / v[0].numel()) / 0.02
+        if k.startswith("backbone.bottom_up.") and k.endswith("norm.weight"):
+            return v.abs() / 0.04
+        return v / 0.02 if k.startswith("backbone.fpn_") and k.endswith("bias") else v
+
+    src = {k: scaled(k, v) for k, v in v1.src.items()}
     model = copy.deepcopy(v1.model)
     model.load_state_dict(convert_istr_v1_state(src, model.state_dict())[0])
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))  # a normalised, padded input
@@ -569,7 +575,8 @@ def test_source_state_dict_entries():
     assert source_state_dict({"model": {"module.a.weight": w}}, "f", "x")[0].keys() == {"a.weight"}  # DDP prefix
     tensors, others = source_state_dict({"meta": {}, "state_dict": {"a": w}}, "f", "x", entries=("model", "state_dict"))
     assert list(tensors) == ["a"] and others == ["meta"]
-    assert torch.equal(source_state_dict({"model": {"a": np.ones(2)}}, "f", "x")[0]["a"], torch.ones(2, dtype=torch.float64))
+    from_numpy = source_state_dict({"model": {"a": np.ones(2)}}, "f", "x")[0]["a"]  # detectron2 .pkl-style arrays
+    assert torch.equal(from_numpy, torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="'b' is a str, not a tensor|entry 'b' is a str"):
         source_state_dict({"model": {"a": w, "b": "text"}}, "f", "x")
     with pytest.raises(ValueError, match="holds a list"):
