@@ -107,6 +107,10 @@ def test_a_second_writer_is_refused_while_a_live_run_holds_the_folder(data, code
             train(tiny_model(data["train_annotations"]), train_set, cfg, out_dir=out, resume=True)
         log_now = (out / "log.jsonl").read_bytes() if (out / "log.jsonl").exists() else b""
         assert log_now.startswith(log_before)
+        # readers are not writers: predict reads the live run's newest complete checkpoint
+        image = sorted(Path(data["val_images"]).iterdir())[0]
+        assert main(["predict", str(out), str(image), "--out", str(tmp_path / "pred"), "--score-threshold", "0"]) == 0
+        assert (tmp_path / "pred" / "predictions.json").is_file()
         release.write_text("")
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     finally:
