@@ -165,6 +165,20 @@ class RunDir:
                                     f"{STATE_FILE}, e.g. OUT/checkpoints/iter_0005000) or a training run directory")
         return path
 
+    @staticmethod
+    def checkpoint_problem(path: str | Path) -> str | None:
+        """Why the checkpoint at `path` cannot be resumed from (missing files, a model file whose checksums fail, a
+        truncated trainer state), or None when it reads back whole. Reads every byte of it."""
+        from istr.io import load_torch_file, read_safetensors
+
+        path = Path(path)
+        try:
+            read_safetensors(path / MODEL_FILE, "model")
+            load_torch_file(path / STATE_FILE, "trainer state")
+        except (OSError, ValueError) as exc:
+            return " ".join(str(exc).split())
+        return None
+
     def find_model(self) -> Path:
         """The run's model file: RUN/model.safetensors, else its newest checkpoint's. FileNotFoundError if none."""
         if self.model_file.is_file():

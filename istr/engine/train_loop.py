@@ -339,11 +339,15 @@ class Trainer:
     def _non_finite(self, what: str, detail: str, terms: list[str] | None = None) -> None:
         it = self.iteration + 1
         kept = self.last_checkpoint or self.rundir.latest_checkpoint()
+        problem = RunDir.checkpoint_problem(kept) if kept is not None and self.is_main else None
+        if kept is None:
+            saved = "no checkpoint had been written yet."
+        elif problem is None:
+            saved = f"the last good checkpoint {kept} (iteration {RunDir.checkpoint_iteration(kept)}) was kept unchanged."
+        else:
+            saved = f"the last checkpoint {kept} is damaged too ({problem}); resume from an earlier one or start again."
         msg = (f"non-finite {what} at iteration {it} (dataset indices {self._batch_indices}): {detail}. "
-               "Training stopped; "
-               + (f"the last good checkpoint {kept} (iteration {RunDir.checkpoint_iteration(kept)}) was kept "
-                  "unchanged." if kept else "no checkpoint had been written yet.")
-               + " Try a lower lr, a warmup, or check the data of these images.")
+               f"Training stopped; {saved} Try a lower lr, a warmup, or check the data of these images.")
         self.log({"iter": it, "event": "non_finite", "what": what, "terms": terms or [],
                   "indices": self._batch_indices})
         self.flush_log()

@@ -357,3 +357,27 @@ def test_damaged_run_files_are_named_or_dropped_with_a_warning(data, codec_file,
     run.record_file.write_bytes(b"{\xff")
     capsys.readouterr()
     _error_line(capsys, ["eval", str(out), "--no-progress"], str(run.record_file))
+
+
+def test_a_damaged_checkpoint_is_not_called_the_last_good_one(data, tmp_path):
+    from istr.engine import NonFiniteLossError
+
+    train_set, _ = datasets(data)
+    cfg = TrainConfig(lr=1e-3, batch_size=2, max_iters=4, warmup_iters=1, checkpoint_every=2, progress=False,
+                      device="cpu")
+    model = tiny_model(data["train_annotations"])
+    calls = {"n": 0}
+
+    def nan_at_3(module, args, output):  # iteration 3's loss is NaN; before it, checkpoint 2 gets damaged
+        calls["n"] += 1
+        if calls["n"] == 3:
+            state = tmp_path / "run" / "checkpoints" / "iter_0000002" / "trainer_state.pt"
+            state.write_bytes(state.read_bytes()[:200])
+            output = {k: v * float("nan") for k, v in output.items()}
+        return output
+
+    model.register_forward_hook(nan_at_3)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(model, train_set, cfg, out_dir=tmp_path / "run")
+    msg = str(err.value)
+    assert "iter_0000002 is damaged too" in msg and "trainer_state.pt" in msg and "last good" not in msg
