@@ -145,10 +145,11 @@ def v1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dd(tmp_path_factory):
-    """A Deformable DETR checkpoint from the manifest: (dir, src, ckpt)."""
+    """A Deformable DETR checkpoint from the manifest, converted once: (dir, src, ckpt, model, report, file)."""
     d = tmp_path_factory.mktemp("dd")
     src = dd_checkpoint(d / "dd.pth")
-    return SimpleNamespace(dir=d, src=src, ckpt=d / "dd.pth")
+    model, report = convert(d / "dd.pth", "deformable-detr", out=d / "isda.safetensors")
+    return SimpleNamespace(dir=d, src=src, ckpt=d / "dd.pth", model=model, report=report, file=d / "isda.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- manifests
@@ -175,17 +176,22 @@ def test_istr_v1_manifest_converts_loads_and_runs(v1):
 
 
 def test_istr_v1_r101_depth_from_keys(tmp_path):
-    istr_v1_checkpoint(tmp_path / "r101.pth", depth=101)
-    model, report = convert(tmp_path / "r101.pth", "istr-v1")
-    assert report.target == "istr_r101_fpn_pca60" and report.fresh == {}
-    assert model.config()["backbone"]["name"] == "resnet101"
+    """R101 = 23 res4 blocks: detected from the keys (building the R101 model is left to the presets' tests)."""
+    from istr.convert.istr_v1 import detect_istr_v1
+
+    src = istr_v1_checkpoint(tmp_path / "r101.pth", depth=101, values=False)
+    assert detect_istr_v1(list(src), {k: tuple(v.shape) for k, v in src.items()}, "r101.pth") == 101
     with pytest.raises(ValueError, match="ResNet-101.*istr_r101_fpn_pca60"):
         convert(tmp_path / "r101.pth", "istr-v1", model_name="istr_r50_fpn_pca60")
+    del src["backbone.bottom_up.res4.22.conv1.weight"]  # 22 blocks: neither depth
+    torch.save({"model": {k: v for k, v in src.items() if not k.startswith("backbone.bottom_up.res4.22.")}},
+               tmp_path / "r22.pth")
+    with pytest.raises(ValueError, match="22 blocks in res4"):
+        convert(tmp_path / "r22.pth", "istr-v1")
 
 
-def test_deformable_detr_manifest_converts_loads_and_runs(dd, tmp_path):
-    src = dd.src
-    model, report = convert(dd.ckpt, "deformable-detr", out=tmp_path / "isda.safetensors")
+def test_deformable_detr_manifest_converts_loads_and_runs(dd):
+    src, model, report = dd.src, dd.model, dd.report
     assert set(report.mapped) | {k for k in report.dropped if not k.startswith("<")} == set(src)
     assert {k for k in report.dropped if k.startswith("<")} == {"<optimizer>", "<lr_scheduler>", "<epoch>", "<args>",
                                                                   "<class_embed rows>"}
@@ -193,7 +199,7 @@ def test_deformable_detr_manifest_converts_loads_and_runs(dd, tmp_path):
     fresh_prefixes = ("backbone.neck.lateral.0.", "mask_features.", "kernel_head.")
     assert set(report.fresh) == {k for k in model.state_dict() if k.startswith(fresh_prefixes)}
     assert set(report.filled) | set(report.fresh) == set(model.state_dict())
-    loaded = istr.load_model(tmp_path / "isda.safetensors")
+    loaded = istr.load_model(dd.file)
     state = loaded.state_dict()
     ids = torch.tensor(COCO_CATEGORY_IDS)
     assert torch.equal(state["class_embed.weight"], src["class_embed.0.weight"][ids])
@@ -366,6 +372,84 @@ def test_v1_converted_matches_the_authors_computation(v1):
             oe = stage.mask_embeds(oq, ob, ours)
             for o, r in ((oq[0], rq), (ol[0], rl), (ob[0], rb), (oe[0], re_)):
                 torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- DD reference
+def dd_msda(src: dict[str, torch.Tensor], prefix: str, query: torch.Tensor, ref: torch.Tensor, value_in: torch.Tensor,
+            shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Deformable DETR's MSDeformAttn from the source keys (8 heads, 4 levels, 4 points; the PyTorch reference
+    path: bilinear grid_sample, zero padding, align_corners=False): query [Q, C], ref [Q, L, 2] (x, y) in [0, 1],
+    value_in [S, C] -> [Q, C]."""
+    def lin(x, name):
+        return F.linear(x, src[f"{prefix}.{name}.weight"], src[f"{prefix}.{name}.bias"])
+
+    q, c = query.shape
+    m, lv, pts, d = 8, 4, 4, c // 8
+    value = lin(value_in, "value_proj").view(-1, m, d)
+    offsets = lin(query, "sampling_offsets").view(q, m, lv, pts, 2)
+    weights = lin(query, "attention_weights").view(q, m, lv * pts).softmax(-1).view(q, m, lv, pts)
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype)  # (x, y) order
+    loc = ref[:, None, :, None, :] + offsets / normalizer[None, None, :, None, :]
+    out, start = torch.zeros(q, m, d), 0
+    for level, (h, w) in enumerate(shapes):
+        v = value[start:start + h * w].view(h, w, m, d).permute(2, 3, 0, 1)  # [M, D, h, w]
+        grid = (2 * loc[:, :, level] - 1).transpose(0, 1)  # [M, Q, P, 2]
+        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [M, D, Q, P]
+        out += (sampled * weights[:, :, level].transpose(0, 1)[:, None]).sum(-1).permute(2, 0, 1)
+        start += h * w
+    return lin(out.reshape(q, c), "output_proj")
+
+
+def test_deformable_detr_converted_matches_the_authors_computation(dd):
+    """The converted neck levels, an encoder layer and a decoder layer compute what Deformable DETR's modules
+    compute from the source weights (written here from their structure, independently of the key map)."""
+    src, model = dd.src, dd.model.eval()
+    g = torch.Generator().manual_seed(9)
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], src[f"{name}.weight"], src[f"{name}.bias"])
+
+    def ffn(x, p):
+        return F.linear(F.relu(F.linear(x, src[f"{p}.linear1.weight"], src[f"{p}.linear1.bias"])),
+                        src[f"{p}.linear2.weight"], src[f"{p}.linear2.bias"])
+
+    with torch.no_grad():
+        # input_proj: 1x1 conv + GN(32) on C3..C5, 3x3 s2 conv + GN on C5
+        feats = [torch.randn(1, c, 32 // s, 32 // s, generator=g)
+                 for c, s in ((256, 1), (512, 2), (1024, 4), (2048, 8))]
+        levels = model.backbone.neck(feats)
+        for i, (f, stride, pad) in enumerate(((feats[1], 1, 0), (feats[2], 1, 0), (feats[3], 1, 0), (feats[3], 2, 1))):
+            conv = F.conv2d(f, src[f"input_proj.{i}.0.weight"], src[f"input_proj.{i}.0.bias"], stride, pad)
+            ref = F.group_norm(conv, 32, src[f"input_proj.{i}.1.weight"], src[f"input_proj.{i}.1.bias"])
+            torch.testing.assert_close(levels[i + 1], ref, rtol=1e-4, atol=1e-5)
+        shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+        s, q = sum(h * w for h, w in shapes), 10
+        tokens, pos = torch.randn(s, 256, generator=g), torch.randn(s, 256, generator=g)
+        ref_enc = torch.rand(s, 4, 2, generator=g)
+        p = "transformer.encoder.layers.2"
+        x = ln(tokens + dd_msda(src, f"{p}.self_attn", tokens + pos, ref_enc, tokens, shapes), f"{p}.norm1")
+        x = ln(x + ffn(x, p), f"{p}.norm2")
+        ours = model.transformer.encoder[2](tokens[None], pos[None], ref_enc[None], shapes)[0]
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+        tgt, qpos = torch.randn(q, 256, generator=g), torch.randn(q, 256, generator=g)
+        ref_dec = torch.rand(q, 4, 2, generator=g)
+        p = "transformer.decoder.layers.4"
+        qk = (tgt + qpos)[:, None]  # (sequence, batch, channels)
+        mha = {k: src[f"{p}.self_attn.{k}"] for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
+                                                       "out_proj.bias")}
+        attn, _ = F.multi_head_attention_forward(qk, qk, tgt[:, None], 256, 8, mha["in_proj_weight"],
+                                                 mha["in_proj_bias"], None, None, False, 0.0, mha["out_proj.weight"],
+                                                 mha["out_proj.bias"], training=False, need_weights=False)
+        y = ln(tgt + attn[:, 0], f"{p}.norm2")  # Deformable DETR: norm2 follows the self-attention
+        y = ln(y + dd_msda(src, f"{p}.cross_attn", y + qpos, ref_dec, x, shapes), f"{p}.norm1")
+        y = ln(y + ffn(y, p), f"{p}.norm3")
+        ours = model.transformer.decoder[4](tgt[None], qpos[None], ref_dec[None], x[None], shapes)[0]
+        torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
+        ref_points = torch.sigmoid(F.linear(src["query_embed.weight"][:, :256],
+                                            src["transformer.reference_points.weight"],
+                                            src["transformer.reference_points.bias"]))
+        query_pos = model.transformer.query_embedding.weight[:, :256]
+        torch.testing.assert_close(model.transformer.reference_points(query_pos).sigmoid(), ref_points)
 
 
 # ---------------------------------------------------------------------------------------------------- round trips
