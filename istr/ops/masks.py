@@ -15,7 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import roi_align
 
-__all__ = ["rasterize", "crop_masks", "crop_polygons", "paste_masks"]
+__all__ = ["rasterize", "crop_masks", "crop_polygons", "paste_masks", "paste_masks_batched"]
 
 
 def rasterize(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -163,6 +163,10 @@ def paste_masks(
     cols [M, w]); this equals F.grid_sample(bilinear, zeros padding, align_corners=False) on the same pixels
     and measured 1.1x faster on CPU (100 masks at 800x1216: 0.27 s vs 0.30 s, 1 thread).
     """
+    if torch.jit.is_tracing():  # the loop below would be frozen into the trace: a silently wrong graph
+        raise RuntimeError("paste_masks loops over the boxes in Python and cannot be traced by torch.jit.trace or the "
+                           "legacy torch.onnx.export(..., dynamo=False); use paste_masks_batched, or export a model "
+                           "with istr.export.export(model, path)")
     if grids.ndim == 4 and grids.shape[1] == 1:
         grids = grids[:, 0]
     if grids.ndim != 3 or grids.shape[-1] != grids.shape[-2]:
@@ -183,3 +187,38 @@ def paste_masks(
         cols = _bilinear_weights(px0, px1, x0, x1, m, grids.device)  # [w, M]
         out[i, py0:py1, px0:px1] = rows @ grids[i].float() @ cols.T
     return out >= threshold if threshold is not None else out
+
+
+def _window_weights(lo: torch.Tensor, hi: torch.Tensor, size: int | torch.SymInt, m: int) -> torch.Tensor:
+    """[..., size, m] bilinear weights (paste_masks' _bilinear_weights) of every pixel of an axis of `size` pixels
+    for cells spanning [lo, hi] (lo, hi [...]), zero outside paste_masks' window [floor(lo) - 1, ceil(hi) + 1) and
+    for empty spans."""
+    pixels = torch.arange(size, device=lo.device).to(torch.float32)  # [size]
+    nonempty = hi - lo > 0
+    extent = torch.where(nonempty, hi - lo, torch.ones_like(hi))  # no 0/0: an empty span's weights are zeroed
+    u = (pixels + 0.5 - lo[..., None]) / extent[..., None] * m - 0.5  # [..., size]
+    cells = torch.arange(m, device=lo.device).to(torch.float32)
+    weights = (1 - (u[..., None] - cells).abs()).clamp(min=0)  # [..., size, m]
+    window = (pixels >= torch.floor(lo)[..., None] - 1) & (pixels < torch.ceil(hi)[..., None] + 1) & nonempty[..., None]
+    return weights * window[..., None].to(weights.dtype)
+
+
+def paste_masks_batched(grids: torch.Tensor, boxes: torch.Tensor, height: int | torch.SymInt,
+                        width: int | torch.SymInt) -> torch.Tensor:
+    """paste_masks for a batch, without Python loops or data-dependent shapes (traceable and exportable).
+
+    grids [B, K, M, M] in [0, 1]; boxes [B, K, 4] absolute xyxy; (height, width) of the output (ints, or sizes read
+    from a tensor's shape). Returns float [B, K, height, width]: each grid pasted into its box as paste_masks does
+    (the same bilinear weights, pixels more than one pixel outside the box 0, an empty box pastes nothing), as two
+    matrix products per mask over the whole image (rows [H, M] @ grid [M, M] @ cols [M, W]). No value checks: the
+    caller passes finite boxes.
+    """
+    if grids.dim() != 4 or grids.shape[-1] != grids.shape[-2] or boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"grids must be [B, K, M, M] and boxes [B, K, 4], got {tuple(grids.shape)} and "
+                         f"{tuple(boxes.shape)}")
+    m = grids.shape[-1]
+    boxes = boxes.to(torch.float32)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    rows = _window_weights(y0, y1, height, m)  # [B, K, H, M]
+    cols = _window_weights(x0, x1, width, m)  # [B, K, W, M]
+    return rows @ grids.to(torch.float32) @ cols.transpose(-1, -2)

@@ -6,16 +6,48 @@ sum of (sampling_ratio^2 x 4 corners) rows of one channels-last table holding al
 forward is one `F.embedding_bag` call for all levels, and so is its backward (the same weights, grouped by
 table row after one int32 sort; torch's own embedding_bag backward was 5x slower). Values equal torchvision's up
 to float rounding (tests/test_ops.py). Like torchvision, no gradient flows to the boxes.
+
+While torch.export / torch.onnx.export capture a graph (or under `roi_align_impl("export")`), multiscale_roi_align
+takes an export path instead: the same sample positions and weights, one plain gather + weighted sum (an exporter
+turns embedding_bag into a Loop per call, 3x slower in onnxruntime), with every size read from the feature maps'
+shapes (no int(), so an exported graph keeps dynamic batch and image sizes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PyramidTable", "fpn_levels", "multiscale_roi_align"]
+__all__ = ["PyramidTable", "fpn_levels", "multiscale_roi_align", "roi_align_impl"]
+
+_IMPLS = ("auto", "embedding_bag", "export")
+_default_impl = "auto"  # set by roi_align_impl()
+
+
+@contextlib.contextmanager
+def roi_align_impl(impl: str) -> Iterator[None]:
+    """Within the block, multiscale_roi_align uses `impl`: "auto" (the export path while a graph is captured, else
+    embedding_bag), "embedding_bag" or "export". Process-wide; nested blocks restore the outer choice on exit."""
+    global _default_impl
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    previous, _default_impl = _default_impl, impl
+    try:
+        yield
+    finally:
+        _default_impl = previous
+
+
+def _exporting() -> bool:
+    """True while torch.export / torch.compile, jit tracing or torch.onnx.export is capturing a graph."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None:
+        if getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)():
+            return True
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PyramidTable:
@@ -37,6 +69,7 @@ class PyramidTable:
             total += self.batch * h * w
         self.offsets = offsets
         self.table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, self.channels) for f in features])
+        self.features = list(features)  # the maps themselves, for the export path
 
 
 class _WeightedGather(torch.autograd.Function):
@@ -97,6 +130,11 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
     of the padded input. Returns [B*K, C, S, S], or with tokens=True [B*K, S*S, C] (token = spatial index,
     row-major), the layout computed natively.
     """
+    export = _default_impl == "export" or (_default_impl == "auto" and _exporting())
+    if export:
+        maps = features.features if isinstance(features, PyramidTable) else list(features)
+        tab_strides = features.strides if isinstance(features, PyramidTable) else tuple(strides)
+        return _roi_align_export(maps, boxes, output_size, tab_strides, sampling_ratio, tokens)
     table = features if isinstance(features, PyramidTable) else PyramidTable(features, strides)
     b, k = boxes.shape[:2]
     if b != table.batch:
@@ -129,3 +167,48 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
     weight = weight.masked_fill(broken.repeat_interleave(s * s)[:, None], float("nan"))  # NaN out for broken boxes
     out = _WeightedGather.apply(table.table, bags(index), weight).view(r, s * s, table.channels)
     return out if tokens else out.transpose(1, 2).reshape(r, table.channels, s, s)
+
+
+def _roi_align_export(features: Sequence[torch.Tensor], boxes: torch.Tensor, output_size: int,
+                      strides: Sequence[int], sampling_ratio: int, tokens: bool) -> torch.Tensor:
+    """multiscale_roi_align's export path: the embedding_bag path's positions and weights (_axis), gathered from one
+    channels-last table of all levels with index_select and summed; sizes and offsets come from the maps' shapes
+    as tensors. Returns [B*K, C, S, S] (or [B*K, S*S, C] with tokens)."""
+    if len(features) != len(strides):
+        raise ValueError(f"got {len(features)} feature maps for {len(strides)} strides")
+    c = features[0].shape[1]
+    dtype = torch.promote_types(features[0].dtype, torch.float32)
+    rois = boxes.reshape(-1, 4).detach().to(dtype)
+    broken = ~torch.isfinite(rois).all(1)
+    rois = rois.masked_fill(broken[:, None], 0.0)
+    dev, s, sr = rois.device, int(output_size), int(sampling_ratio)
+    b, k = boxes.shape[0], boxes.shape[1]
+    levels = (fpn_levels(rois, strides) if len(strides) > 1
+              else torch.zeros_like(rois[:, 0], dtype=torch.long))
+    # per level: height, width and first row in the table, as int64 tensors read from the shapes
+    heights_l = torch.stack([torch.full((), f.shape[2], dtype=torch.long, device=dev) for f in features])
+    widths_l = torch.stack([torch.full((), f.shape[3], dtype=torch.long, device=dev) for f in features])
+    sizes_l = heights_l * widths_l * b
+    offsets_l = torch.cumsum(sizes_l, 0) - sizes_l
+    heights, widths = heights_l[levels], widths_l[levels]
+    scale = 1.0 / torch.tensor(tuple(float(st) for st in strides), dtype=dtype, device=dev)[levels]
+    start_x, start_y = rois[:, 0] * scale - 0.5, rois[:, 1] * scale - 0.5
+    bin_w = (rois[:, 2] * scale - 0.5 - start_x) / s
+    bin_h = (rois[:, 3] * scale - 0.5 - start_y) / s
+    y0, y1, wy = _axis(start_y, bin_h, heights, s, sr)
+    x0, x1, wx = _axis(start_x, bin_w, widths, s, sr)
+    image = torch.arange(b, device=dev)[:, None].expand(b, k).reshape(-1)
+    base = (offsets_l[levels] + image * heights * widths)[:, None, None]
+    row = widths[:, None, None]
+    index = torch.stack([base + y0[:, :, None] * row + x0[:, None, :], base + y0[:, :, None] * row + x1[:, None, :],
+                         base + y1[:, :, None] * row + x0[:, None, :], base + y1[:, :, None] * row + x1[:, None, :]], -1)
+    weight = torch.stack([wy[:, :, None, 0] * wx[:, None, :, 0], wy[:, :, None, 0] * wx[:, None, :, 1],
+                          wy[:, :, None, 1] * wx[:, None, :, 0], wy[:, :, None, 1] * wx[:, None, :, 1]], -1)
+    per_bin = sr * sr * 4
+    bags = lambda t: t.reshape(-1, s, sr, s, sr, 4).permute(0, 1, 3, 2, 4, 5).reshape(-1, per_bin)  # noqa: E731
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features])
+    weight = bags(weight).to(table.dtype) / (sr * sr)
+    weight = weight.masked_fill(broken[:, None].expand(-1, s * s).reshape(-1)[:, None], float("nan"))
+    gathered = table.index_select(0, bags(index).reshape(-1)).view(-1, per_bin, c)  # [R*S*S, sr*sr*4, C]
+    out = torch.bmm(weight[:, None, :], gathered).view(-1, s * s, c)
+    return out if tokens else out.transpose(1, 2).reshape(-1, c, s, s)

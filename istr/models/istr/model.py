@@ -116,6 +116,7 @@ class ISTR(DetectionModel):
 
     # ------------------------------------------------------------------ construction info
     module_args = ("backbone", "codec", "criterion")
+    export_head_class = "istr.models.istr.export:ISTRExportHead"  # istr.export's tensor-in / tensor-out graph
     # construction keys that may differ when loading weights into an existing model (no effect on the weights)
     inference_options = DetectionModel.inference_options | {"stage_logit_average", "logit_average_from",
                                                             "image_pool_padding", "target_crop"}

@@ -1,0 +1,193 @@
+"""ISDA's export head (istr.export): the eval-mode forward as tensors in, fixed top-K tensors out, no Python per image."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import masks_to_boxes
+
+from istr.export import ExportHead
+from istr.models.base import topk_over_classes
+from istr.models.isda.deformable import valid_ratios
+from istr.models.isda.heads import mask_logits
+
+__all__ = ["ISDAExportHead"]
+
+
+def _level_masks(sizes: torch.Tensor, padded: tuple[Any, Any], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """istr.models.isda.deformable.level_masks with the sizes as a tensor [B, 2]: True = padding, a level's valid
+    extent ceil(h * H_l / H) x ceil(w * W_l / W)."""
+    masks = []
+    for f in features:
+        fh, fw = f.shape[2], f.shape[3]
+        limit_h = torch.div(sizes[:, 0] * fh + (padded[0] - 1), padded[0], rounding_mode="floor")
+        limit_w = torch.div(sizes[:, 1] * fw + (padded[1] - 1), padded[1], rounding_mode="floor")
+        rows = torch.arange(fh, device=f.device)
+        cols = torch.arange(fw, device=f.device)
+        masks.append((rows[None, :, None] >= limit_h[:, None, None]) | (cols[None, None, :] >= limit_w[:, None, None]))
+    return masks
+
+
+def _linspace(start: float, end: float, steps: Any, like: torch.Tensor) -> torch.Tensor:
+    """torch.linspace(start, end, steps) (its CPU arithmetic: start + i * step below halfway, end - (steps - 1 - i)
+    * step from there) with `steps` read from a shape: linspace's own step count would fix the traced sizes."""
+    index = torch.arange(steps, device=like.device).to(like.dtype)
+    count = index.new_ones(()) * (steps - 1)
+    step = (end - start) / count.clamp(min=1)
+    halfway = torch.div(index.new_ones(()) * steps, 2, rounding_mode="floor").clamp(min=1)
+    return torch.where(index < halfway, start + step * index, end - step * (count - index))
+
+
+def _coordinate_channels(feat: torch.Tensor) -> torch.Tensor:
+    """isda.heads.coordinate_channels through _linspace: [N, C, H, W] -> [N, 2, H, W] (x, then y)."""
+    n, _, h, w = feat.shape
+    y, x = torch.meshgrid(_linspace(-1.0, 1.0, h, feat), _linspace(-1.0, 1.0, w, feat), indexing="ij")
+    return torch.stack([x, y])[None].expand(n, -1, -1, -1)
+
+
+def _mask_features(head: torch.nn.Module, features: list[torch.Tensor]) -> torch.Tensor:
+    """MaskFeatureHead.forward with _coordinate_channels: P2..P5 -> the MFR [N, K, h, w]."""
+    sizes = [feat.shape[-2:] for feat in features]
+    fused = None
+    for level, (feat, convs) in enumerate(zip(features, head.branches)):
+        x = torch.cat([feat, _coordinate_channels(feat)], 1) if level == 3 and head.mask_position else feat
+        for stage, conv in enumerate(convs):
+            x = conv(x)
+            if level > 0:
+                x = F.interpolate(x, size=sizes[level - 1 - stage], mode="bilinear", align_corners=False)
+        fused = x if fused is None else fused + x
+    if head.mask_stride != 4:
+        size = sizes[1] if head.mask_stride == 8 else (2 * sizes[0][0], 2 * sizes[0][1])
+        fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+    return head.fuse(fused)
+
+
+def _encoder_reference_points(shapes: list[tuple[Any, Any]], ratios: torch.Tensor) -> torch.Tensor:
+    """deformable.encoder_reference_points with the pixel centres from arange + 0.5 (the same values as its
+    linspace(0.5, h - 0.5, h), whose step count would fix the traced sizes) -> [N, S, L, 2]."""
+    points = []
+    for level, (h, w) in enumerate(shapes):
+        ys = torch.arange(h, device=ratios.device).to(ratios.dtype) + 0.5
+        xs = torch.arange(w, device=ratios.device).to(ratios.dtype) + 0.5
+        ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+        ref_y = ref_y.reshape(1, -1) / (ratios[:, None, level, 1] * h)
+        ref_x = ref_x.reshape(1, -1) / (ratios[:, None, level, 0] * w)
+        points.append(torch.stack([ref_x, ref_y], -1))
+    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+
+
+def _transformer(transformer: torch.nn.Module, features: list[torch.Tensor],
+                 masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeformableTransformer.forward (eval, with masks) step by step, its encoder reference points from
+    _encoder_reference_points -> (hs [D, N, Q, C], reference_points [N, Q, 2])."""
+    transformer._check(features, masks)
+    src, pos, padding_mask, shapes = transformer.flatten(features, masks)
+    n = src.shape[0]
+    ratios = valid_ratios(masks, src.dtype)
+    memory = src
+    enc_ref = _encoder_reference_points(shapes, ratios)
+    for layer in transformer.encoder:
+        memory = layer(memory, pos, enc_ref, shapes, padding_mask)
+    query_pos, tgt = transformer.query_embedding.weight.split(transformer.hidden_dim, dim=1)
+    query_pos, tgt = query_pos.expand(n, -1, -1), tgt.expand(n, -1, -1)
+    reference_points = transformer.reference_points(query_pos).sigmoid()
+    dec_ref = reference_points[:, :, None] * ratios[:, None]
+    hs = []
+    for layer in transformer.decoder:
+        tgt = layer(tgt, query_pos, dec_ref, memory, shapes, padding_mask)
+        hs.append(tgt)
+    return torch.stack(hs), reference_points
+
+
+def _tight_boxes(binary: torch.Tensor) -> torch.Tensor:
+    """binary [B, K, H, W] -> [B, K, 4] xyxy boxes ending after the last pixel (masks_to_boxes + 1); 0 for empty."""
+    rows_any, cols_any = binary.any(-1), binary.any(-2)  # [B, K, H], [B, K, W]
+    ys = torch.arange(binary.shape[2], device=binary.device)
+    xs = torch.arange(binary.shape[3], device=binary.device)
+    big_y, big_x = torch.full_like(ys, 2 ** 30), torch.full_like(xs, 2 ** 30)
+    y0 = torch.where(rows_any, ys, big_y).amin(-1)
+    x0 = torch.where(cols_any, xs, big_x).amin(-1)
+    y1 = torch.where(rows_any, ys, -1).amax(-1) + 1
+    x1 = torch.where(cols_any, xs, -1).amax(-1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], -1).to(torch.float32)
+    return torch.where(rows_any.any(-1)[..., None], boxes, torch.zeros_like(boxes))
+
+
+def _stable_descending_order(key: torch.Tensor) -> torch.Tensor:
+    """argsort(key, dim=1, descending=True, stable=True) for key [B, K] by pairwise ranks (K is at most a few
+    hundred): exporters have no stable sort (ONNX TopK breaks ties by index only by convention)."""
+    k = key.shape[1]
+    index = torch.arange(k, device=key.device)
+    before = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & (index[None, None, :] < index[None, :, None]))
+    rank = before.sum(-1)  # [B, K]: how many come before element i
+    return (rank[:, :, None] == index[None, None, :]).to(torch.int64).argmax(1)  # [B, K]: element at position r
+
+
+class ISDAExportHead(ExportHead):
+    """ISDA.eval() as a graph: images [B, 3, H, W] in [0, 1], sizes [B, 2] -> masks [B, K, H, W] (the kept
+    queries' mask probabilities upsampled from the mask stride to the padded input, 0 outside each image), boxes
+    (tight boxes of the masks binarised at mask_threshold), scores (class score x maskness), labels, valid.
+
+    The same arithmetic as ISDA._forward / _detections / map_results: top-K over the last decoder layer's Q x C
+    scores, maskness, and eager's order: valid detections first, by score (stable), then the rest. valid = a
+    non-zero maskness and a non-empty binarised mask on the image."""
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "mask_stride": int(self.model.mask_stride)}
+
+    def infer(self, batch: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model
+        features = model.backbone(batch)
+        if len(features) != 5:
+            raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
+        masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), features[1:])
+        hs, reference_points = _transformer(model.transformer, features[1:], masks)
+        mfr = _mask_features(model.mask_features, features[:4])
+        logits = model.class_embed(hs)
+        kernels = model.kernel_head(hs, reference_points)
+        scores, labels, query = topk_over_classes(logits[-1], model.detections_per_image)
+        kept = torch.gather(kernels[-1], 1, query[..., None].expand(-1, -1, kernels.shape[-1]))
+        probs = mask_logits(kept, mfr).sigmoid()  # [B, K, h, w]
+        binary = (probs >= model.mask_threshold).to(probs.dtype)
+        maskness = (probs * binary).flatten(2).sum(-1) / binary.flatten(2).sum(-1).clamp(min=1.0)
+        scores = scores * maskness
+        up = F.interpolate(probs.float(), scale_factor=model.mask_stride, mode="bilinear", align_corners=False)
+        rows = torch.arange(up.shape[2], device=up.device)
+        cols = torch.arange(up.shape[3], device=up.device)
+        inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+        up = torch.where(inside[:, None], up, torch.zeros_like(up))
+        threshold = 0.5 if model.mask_threshold is None else model.mask_threshold
+        on = up >= threshold
+        valid = (maskness > 0) & on.flatten(2).any(-1)
+        boxes = _tight_boxes(on)
+        key = torch.where(valid, scores, torch.full_like(scores, -1.0))
+        order = _stable_descending_order(key)
+        take = lambda x: torch.gather(x, 1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731
+        return {"boxes": take(boxes), "scores": take(scores), "labels": take(labels), "masks": take(up),
+                "valid": take(valid)}
+
+    @classmethod
+    def results(cls, outputs: dict[str, torch.Tensor], sizes: list[tuple[int, int]],
+                original_sizes: list[tuple[int, int]], metadata: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """map_results after its upsampling: the valid masks cropped to the resized image and resized to the
+        original, boxes of the binarised masks, masks empty at the original size dropped."""
+        threshold = metadata.get("mask_threshold")
+        results = []
+        for i, (size, (h, w)) in enumerate(zip(sizes, original_sizes)):
+            keep = outputs["valid"][i].bool()
+            labels, scores = outputs["labels"][i][keep].long(), outputs["scores"][i][keep].float()
+            up = outputs["masks"][i][keep].float()
+            masks = up.new_zeros((up.shape[0], h, w))
+            if up.shape[0]:
+                masks = F.interpolate(up[:, None, : size[0], : size[1]], size=(h, w), mode="bilinear",
+                                      align_corners=False)[:, 0]
+            binary = masks >= (0.5 if threshold is None else threshold)
+            keep = binary.flatten(1).any(1)
+            masks, binary, labels, scores = masks[keep], binary[keep], labels[keep], scores[keep]
+            boxes = masks_to_boxes(binary).to(masks.dtype) if len(masks) else masks.new_zeros((0, 4))
+            boxes[:, 2:] += 1
+            if threshold is not None:
+                masks = (masks >= threshold).float()
+            results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks[:, None]})
+        return results
