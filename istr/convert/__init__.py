@@ -147,6 +147,10 @@ def _load_model_file(model: nn.Module, path: Path, target: dict[str, torch.Tenso
     meta, tensors = read_safetensors(path, "model")
     origin = meta.get("architecture", meta.get("format", "model file"))
     report = ConversionReport(origin, str(path), type(model).__name__)
+    mine = getattr(type(model), "architecture", None)
+    if "architecture" in meta and mine is not None and meta["architecture"] != mine:
+        report.notes.append(f"the file holds a {meta['architecture']!r} model and the model is {mine!r}: only the "
+                            "tensors with the same names and shapes (typically the backbone trunk) were loaded")
     converted, bad = {}, []
     for key, value in tensors.items():
         if key not in target:
