@@ -182,7 +182,3 @@ def as_target_dtype(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A copy of `value` in the dtype of `like` (float16/float64 checkpoints become the model's float32)."""
     return value.detach().to(dtype=like.dtype)  # the model's load_state_dict copies it
 
-
-def first_group(keys: Iterable[str]) -> list[str]:
-    """A few example keys for error messages."""
-    return sorted(keys)[:6]
