@@ -179,6 +179,6 @@ def fill_target(target_state: Mapping[str, torch.Tensor], converted: Mapping[str
 
 
 def as_target_dtype(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-X
+    """`value` in the dtype of `like` (float16/float64 checkpoints become the model's float32); not copied."""
     return value.detach().to(dtype=like.dtype)  # the model's load_state_dict copies it
 
