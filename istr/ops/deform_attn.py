@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Deformable DETR's MSDA core) in pure PyTorch: an embedding_bag gather or F.grid_sample."""
+"""Multi-scale deformable attention (Deformable DETR's MSDA core) in pure PyTorch: embedding_bag or F.grid_sample."""
 from __future__ import annotations
 
 import contextlib
@@ -180,9 +180,10 @@ class _Layout:
         b = self.border
         table = value.new_empty(self.rows, d)
         for (h, w), start, level in self.levels(table):
-            level[:, :, b:h + b, b:w + b].copy_(value[:, start:start + h * w].reshape(n, h, w, m, d).permute(3, 0, 1, 2, 4))
-            for border in (level[:, :, :b], level[:, :, h + b:], level[:, :, b:h + b, :b], level[:, :, b:h + b, w + b:]):
-                border.zero_()
+            interior = value[:, start:start + h * w].reshape(n, h, w, m, d).permute(3, 0, 1, 2, 4)
+            level[:, :, b:h + b, b:w + b].copy_(interior)
+            for edge in (level[:, :, :b], level[:, :, h + b:], level[:, :, b:h + b, :b], level[:, :, b:h + b, w + b:]):
+                edge.zero_()
         return table
 
     def unpad(self, table: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,8 @@ class _GatherMSDA(torch.autograd.Function):
             torch.mul(wy, wx, out=weight[:, corner])
         top_left = layout.top_left(xy0[0], xy0[1])
         table = layout.pad(value)
-        ctx.layout, ctx.locations_shape, ctx.locations_dtype = layout, sampling_locations.shape, sampling_locations.dtype
+        ctx.layout = layout
+        ctx.locations_shape, ctx.locations_dtype = sampling_locations.shape, sampling_locations.dtype
         index = layout.corner_index(top_left)
         ctx.save_for_backward(table, top_left, index, weight, frac, attention_weights)
         return F.embedding_bag(index, table, per_sample_weights=weight.flatten(1), mode="sum")
@@ -325,7 +327,8 @@ def _value_grad_few(grad: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
     rows, counts = torch.unique_consecutive(keys_sorted, return_counts=True)
     offsets = torch.cumsum(counts, 0) - counts
     source = torch.div(order, index.shape[1], rounding_mode="floor")
-    summed = F.embedding_bag(source, grad, offsets, per_sample_weights=weight.flatten()[order], mode="sum")
+    summed = F.embedding_bag(source, grad, offsets, per_sample_weights=weight.flatten().index_select(0, order),
+                           mode="sum")
     table = grad.new_zeros(layout.rows, grad.shape[1]).index_copy_(0, rows.long(), summed)
     return layout.unpad(table)
 
