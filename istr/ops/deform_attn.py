@@ -257,6 +257,7 @@ class _GatherMSDA(torch.autograd.Function):
         return F.embedding_bag(index, table, per_sample_weights=weight.flatten(1), mode="sum")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         table, top_left, index, weight, frac, attention_weights = ctx.saved_tensors
         layout: _Layout = ctx.layout
