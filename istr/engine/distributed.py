@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from istr.checks import check_device
+
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "is_dist", "get_rank", "get_world_size",
     "is_main_process", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "all_gather_object",
@@ -66,15 +68,15 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
 
 
 def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if isinstance(device, torch.device):
+        return check_device(device, "device")
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(device)
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
+    return check_device(device, "device")  # a clear error for a device this machine lacks
 
 
 def cleanup_distributed() -> None:

@@ -13,7 +13,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from istr.checks import check_bool, check_number
+from istr.checks import check_bool, check_device, check_number
 from istr.engine import distributed as dist_utils
 from istr.engine.coco_metric import METRIC_NAMES, as_coco, coco_evaluate, results_to_coco, score_results
 
@@ -94,6 +94,8 @@ def evaluate(
     all_stages, progress = check_bool("all_stages", all_stages), check_bool("progress", progress)
     if distributed is not None:
         check_bool("distributed", distributed)
+    if device is not None:
+        device = check_device(device, "device")
     base = _base_dataset(dataset)
     coco_gt = as_coco(coco_gt) if coco_gt is not None else getattr(base, "coco", None)
     if label_to_category_id is None:

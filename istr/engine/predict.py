@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from istr.checks import check_bool, check_number
+from istr.checks import check_bool, check_device, check_number
 
 __all__ = ["predict"]
 
@@ -72,7 +72,9 @@ def predict(
     score_threshold = check_number("score_threshold", score_threshold, min=0, max=1, allow_none=True)
     all_stages = check_bool("all_stages", all_stages)
     items, single = _as_items(images)
-    if device is None:
+    if device is not None:
+        device = check_device(device, "device")
+    else:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     was_training = model.training

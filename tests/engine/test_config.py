@@ -111,3 +111,14 @@ _NET = torch.nn.Identity()
 def test_engine_functions_check_their_numbers(call, text):
     with pytest.raises(ValueError, match=text):
         call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_where_there_is_none_is_one_clear_error(data, tmp_path):
+    train_set, _ = datasets(data)
+    cfg = TrainConfig(batch_size=2, max_iters=1, progress=False, device="cuda")
+    for call in (lambda: Trainer(tiny_model(data["train_annotations"]), train_set, cfg, out_dir=tmp_path / "r"),
+                 lambda: evaluate(_NET, None, device="cuda"), lambda: predict(_NET, [], device="cuda:1")):
+        with pytest.raises(ValueError, match="CUDA is not available on this machine; use device='cpu'"):
+            call()
+    assert not (tmp_path / "r").exists()
