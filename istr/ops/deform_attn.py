@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Iterator, Optional, Sequence, Union
 
@@ -149,6 +150,10 @@ def _ms_deform_attn_grid_sample(value: torch.Tensor, shapes: list[tuple[int, int
 # sorted by their top-left row (one sort, shared by the four corners), one embedding_bag per corner summing each
 # row's points, and the four results added with their one-pixel shifts. Head-major rows keep a scatter's sources
 # (the bags of one head around one place) close together in memory.
+# With fewer corners than table rows (decoder cross-attention: a few hundred queries over the whole map), the
+# bordered copy and the per-row passes would cost more than the samples: the bags then read value [N*S*M, D]
+# itself, a corner outside the map reading a clamped row with weight 0 (and no gradient), and the value's gradient
+# sorts the corners themselves and sums each distinct row read once.
 
 
 class _Layout:
@@ -216,7 +221,31 @@ class _Layout:
         offsets = torch.tensor([[0, 1, wp, wp + 1] for _, wp in self.padded], dtype=top_left.dtype,
                                device=top_left.device)
         index = torch.empty(top_left.shape[0], 4, *top_left.shape[1:], dtype=top_left.dtype, device=top_left.device)
-        return torch.add(top_left[:, None], offsets.t()[None, :, :, None], out=index).flatten(1)
+        return torch.add(top_left[:, None], offsets.t()[None, :, :, None], out=index)
+
+    def unbordered_corners(self, x0: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0, y0 [B, L, P] floored pixel coordinates -> the four corners' rows of value [N, S, M, D] viewed as
+        [N * S * M, D], clamped into the map, [B, 4, L, P], and whether each corner is inside the map (bool)."""
+        dev, rows = x0.device, self.n * sum(h * w for h, w in self.shapes) * self.m
+        exact = torch.float32 if rows < 2 ** 24 else torch.float64
+        widths = torch.tensor([w for _, w in self.shapes], dtype=exact, device=dev)[:, None]  # [L, 1]
+        heights = torch.tensor([h for h, _ in self.shapes], dtype=exact, device=dev)[:, None]
+        starts = torch.tensor(self.starts, dtype=exact, device=dev)
+        images = torch.arange(self.n, dtype=exact, device=dev) * (rows // (self.n * self.m))
+        base = ((images[:, None] + starts) * self.m)[:, None, None, :, None] \
+            + torch.arange(self.m, dtype=exact, device=dev)[None, None, :, None, None]  # [N, 1, M, L, 1]
+        shape = (self.n, -1, self.m, *x0.shape[1:])
+        x0, y0 = x0.view(shape).to(exact).nan_to_num(0.0), y0.view(shape).to(exact).nan_to_num(0.0)
+        index = torch.empty(*x0.shape[:3], 4, *x0.shape[3:], dtype=exact, device=dev)
+        inside = torch.empty(index.shape, dtype=torch.bool, device=dev)
+        for corner, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            x, y = x0 + dx, y0 + dy
+            torch.logical_and((x >= 0) & (x < widths), (y >= 0) & (y < heights), out=inside[:, :, :, corner])
+            x = torch.minimum(x.clamp_(min=0), widths - 1)
+            y = torch.minimum(y.clamp_(min=0), heights - 1)
+            torch.add(base, (y * widths + x) * self.m, out=index[:, :, :, corner])
+        index_int = torch.int32 if rows < 2 ** 31 else torch.int64
+        return index.to(index_int).view(-1, 4, *x0.shape[3:]), inside.view(-1, 4, *x0.shape[3:])
 
 
 class _GatherMSDA(torch.autograd.Function):
@@ -248,28 +277,38 @@ class _GatherMSDA(torch.autograd.Function):
         weight = torch.empty(bags, 4, levels, p, dtype=value.dtype, device=dev)  # corners (y, x) = 00, 01, 10, 11
         for corner, (wy, wx) in enumerate(((ay0, ox), (ay0, fx), (ay1, ox), (ay1, fx))):
             torch.mul(wy, wx, out=weight[:, corner])
-        top_left = layout.top_left(xy0[0], xy0[1])
-        table = layout.pad(value)
-        ctx.layout = layout
+        ctx.layout, ctx.value_shape = layout, value.shape
         ctx.locations_shape, ctx.locations_dtype = sampling_locations.shape, sampling_locations.dtype
-        index = layout.corner_index(top_left)
-        ctx.save_for_backward(table, top_left, index, weight, frac, attention_weights)
-        return F.embedding_bag(index, table, per_sample_weights=weight.flatten(1), mode="sum")
+        if 4 * xy0[0].numel() <= layout.rows:
+            # few samples (decoder queries): read the value itself, no bordered copy (an O(S) pass); corners
+            # outside the map read a clamped row with weight 0
+            table = value.reshape(-1, d)
+            index, inside = layout.unbordered_corners(xy0[0], xy0[1])
+            weight.mul_(inside)
+            top_left = None
+        else:
+            table = layout.pad(value)
+            top_left = layout.top_left(xy0[0], xy0[1])
+            index, inside = layout.corner_index(top_left), None
+        ctx.save_for_backward(table, top_left, index, weight, frac, attention_weights, inside)
+        return F.embedding_bag(index.flatten(1), table, per_sample_weights=weight.flatten(1), mode="sum")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        table, top_left, index, weight, frac, attention_weights = ctx.saved_tensors
+        table, top_left, index, weight, frac, attention_weights, inside = ctx.saved_tensors
         layout: _Layout = ctx.layout
         grad = grad.contiguous()
         grad_value = grad_locations = grad_attention = None
         if ctx.needs_input_grad[0]:
-            if index.numel() <= layout.rows:  # few samples (decoder queries): sort the corners themselves
-                grad_value = _value_grad_few(grad, index, weight, layout)
+            if top_left is None:  # the few-samples path read the value directly
+                grad_value = _value_grad_few(grad, index, weight, table.shape[0]).view(ctx.value_shape)
             else:
                 grad_value = _value_grad(grad, top_left, weight, layout)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight = _weight_grad(grad, table, index, weight, layout.rows)
+            grad_weight = _weight_grad(grad, table, index.flatten(1), weight, table.shape[0])
+            if inside is not None:  # a corner outside the map read a real (clamped) row: it has no gradient
+                grad_weight.mul_(inside)
             grad_locations, grad_attention = _location_and_attention_grads(grad_weight, frac, attention_weights,
                                                                           layout)
             grad_locations = grad_locations.view(ctx.locations_shape).to(ctx.locations_dtype)
@@ -321,17 +360,16 @@ def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, index)
 
 
-def _value_grad_few(grad: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """d out / d value for grad [B, D] when the B * K corners (index [B, K]) are fewer than the table's rows: one
-    sort of the corners, one embedding_bag per distinct row read, no pass over unread rows but the last copy."""
+def _value_grad_few(grad: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """d out / d table [rows, D] for grad [B, D] when the corners (index [B, ...], weight alike) are few: one sort
+    of the corners, one embedding_bag bag per distinct row read, written into zeros."""
     keys_sorted, order = torch.sort(index.flatten())
-    rows, counts = torch.unique_consecutive(keys_sorted, return_counts=True)
+    read, counts = torch.unique_consecutive(keys_sorted, return_counts=True)
     offsets = torch.cumsum(counts, 0) - counts
-    source = torch.div(order, index.shape[1], rounding_mode="floor")
+    source = torch.div(order, math.prod(index.shape[1:]), rounding_mode="floor")
     summed = F.embedding_bag(source, grad, offsets, per_sample_weights=weight.flatten().index_select(0, order),
-                           mode="sum")
-    table = grad.new_zeros(layout.rows, grad.shape[1]).index_copy_(0, rows.long(), summed)
-    return layout.unpad(table)
+                             mode="sum")
+    return grad.new_zeros(rows, grad.shape[1]).index_copy_(0, read.long(), summed)
 
 
 def _value_grad(grad: torch.Tensor, top_left: torch.Tensor, weight: torch.Tensor, layout: _Layout) -> torch.Tensor:

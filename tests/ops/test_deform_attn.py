@@ -43,9 +43,10 @@ def make_inputs(shapes, dtype, n=2, n_q=4, n_heads=3, dim=5, n_points=3, seed=0)
     value = torch.randn(n, s, n_heads, dim, generator=g, dtype=torch.float64)
     # mostly in [-0.3, 1.3] (corners straddle the edges), plus points far outside on each side
     locations = torch.rand(n, n_q, n_heads, n_levels, n_points, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
-    locations[0, 0, 0, :, 0] = torch.tensor([-2.5, 0.5], dtype=torch.float64)
-    locations[0, -1, -1, :, -1] = torch.tensor([0.5, 3.0], dtype=torch.float64)
-    locations[-1, 0, -1, :, 0] = torch.tensor([-0.4, 1.2], dtype=torch.float64)
+    if n_q:
+        locations[0, 0, 0, :, 0] = torch.tensor([-2.5, 0.5], dtype=torch.float64)
+        locations[0, -1, -1, :, -1] = torch.tensor([0.5, 3.0], dtype=torch.float64)
+        locations[-1, 0, -1, :, 0] = torch.tensor([-0.4, 1.2], dtype=torch.float64)
     weights = torch.rand(n, n_q, n_heads, n_levels * n_points, generator=g, dtype=torch.float64).softmax(-1)
     weights = weights.view(n, n_q, n_heads, n_levels, n_points)
     return [t.to(dtype).requires_grad_() for t in (value, locations, weights)]
@@ -111,9 +112,10 @@ def test_gather_single_input_gradients_and_noncontiguous_value():
     assert grad.shape == value.shape and grad_loc.shape == locations.shape and unchanged.grad_fn is None
 
 
-def test_far_outside_reads_zero_and_nan_locations_give_nan_like_grid_sample():
+@pytest.mark.parametrize("n_q", [4, 50], ids=["few_queries", "many_queries"])
+def test_far_outside_reads_zero_and_nan_locations_give_nan_like_grid_sample(n_q):
     shapes = SHAPES["odd"]
-    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, seed=5))
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, n_q=n_q, seed=5))
     far = locations.clone()
     far[0] = 1e6
     far[1] = -1e6
@@ -158,6 +160,19 @@ def test_auto_takes_grid_sample_while_tracing():
     assert "grid_sampler" in graph and "embedding_bag" not in graph
     torch.testing.assert_close(traced(value, locations, weights),
                                ms_deform_attn(value, shapes, locations, weights, impl="grid_sample"))
+
+
+@pytest.mark.parametrize("n_q", [0, 1])
+def test_no_or_one_query(n_q):
+    shapes = SHAPES["odd"]
+    grads = []
+    for impl in ("gather", "grid_sample"):
+        inputs = make_inputs(shapes, torch.float64, n_q=n_q, seed=9)
+        out = ms_deform_attn(inputs[0], shapes, inputs[1], inputs[2], impl=impl)
+        assert out.shape == (2, n_q, 15)
+        grads.append(torch.autograd.grad(out.sum(), inputs))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_gather_rejects_what_grid_sample_rejects():
