@@ -28,7 +28,7 @@ from istr.io import CorruptFileError, MODEL_FILE, load_model
 from istr.models import create_model, preset_info
 from istr.viz import draw_instances, save_image
 
-__all__ = ["cmd_fit_codec", "cmd_train", "cmd_eval", "cmd_predict", "cmd_demo", "PCA_DEFAULTS", "DEMO_OUTPUTS"]
+__all__ = ["cmd_fit_codec", "cmd_train", "cmd_eval", "cmd_predict", "cmd_demo", "PCA_DEFAULTS"]
 
 
 # the paper's codec (ISTR v1: whitened PCA of mask logits): `istr fit-codec`'s default for --codec pca
@@ -230,11 +230,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# what `istr demo` writes besides its cached data/ (removed by --overwrite before a new run)
-DEMO_OUTPUTS = ("train", "overlays", "report.md", "metrics.json", "loss_curve.png", "codec.safetensors",
-                MODEL_FILE, "run.json")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from istr.demo import run_demo  # the demo's recipe library: imported only by the command that runs it
 
@@ -247,13 +242,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backbone = preset_info(args.model).defaults.get("backbone")
         if isinstance(backbone, str):
             check_pretrained_available(backbone)  # the demo's backbone; fails in seconds without a network
-    if args.overwrite:
-        RunDir(out).clear(DEMO_OUTPUTS)
     given = {k: getattr(args, k) for k in ("iters", "minutes", "seed", "num_train", "num_val", "image_size", "lr",
                                            "batch_size", "eval_every") if getattr(args, k) is not None}
     report = run_demo(out, data=args.data, model=args.model, threads=args.threads, device=args.device,
                       pretrained=args.pretrained, backbone_checkpoint=args.backbone_checkpoint,
-                      progress=not args.no_progress, **given)
+                      progress=not args.no_progress, overwrite=args.overwrite, **given)
     m = report["metrics"]
     print(f"demo written to {out}: mask AP {pct(m['segm']['AP'])}, box AP {pct(m['bbox']['AP'])} (%) after "
           f"{report['iterations']} iterations ({report['train_seconds']:.0f}s of training, "

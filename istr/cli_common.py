@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from istr.checks import check_device, check_number
+from istr.checks import check_device, check_number, parse_bool
 from istr.data import CocoInstances, build_transforms
 from istr.engine.config import TrainConfig
 from istr.engine.rundir import RunDir
@@ -27,12 +27,16 @@ __all__ = ["parse_key_values", "resolve_model_path", "error_text", "is_non_empty
 
 
 def parse_key_values(items: Sequence[str] | None, what: str = "argument") -> dict[str, Any]:
-    """["k=v", ...] -> {k: v}; values are parsed as JSON when they can be (numbers, true/false, lists), else str."""
+    """["k=v", ...] -> {k: v}; values are parsed as JSON when they can be (numbers, true/false, lists), else str;
+    the Python spellings True/False are booleans too (istr.checks.parse_bool)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{what} must look like KEY=VALUE, got {item!r}")
+        if value in ("True", "False"):
+            out[key] = parse_bool(value)
+            continue
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_DATA", "demo_settings", "build_demo_model", "demo_train_config", "run_demo", "machine_info"]
+__all__ = ["DEMO_DATA", "DEMO_OUTPUTS", "demo_settings", "build_demo_model", "demo_train_config", "run_demo",
+           "machine_info"]
 
 # "easy" data is the default: plain backgrounds, 4 shapes, 1-4 medium/large objects at 96 px, learnable in minutes
 # on a CPU. "hard" (textured backgrounds, 8 shapes incl. concave and holed ones, 2-8 objects, small ones, 128 px) is
@@ -22,6 +23,11 @@ DEMO_DATA: dict[str, dict[str, Any]] = {
     "easy": dict(difficulty="easy", num_train=1000, num_val=200, image_size=96, seed=0),
     "hard": dict(difficulty="hard", num_train=1000, num_val=50, image_size=128, seed=0, min_objects=2, max_objects=8),
 }
+
+
+# what a demo run writes in its folder besides the synthetic data/ (removed by overwrite=True before a new run)
+DEMO_OUTPUTS = ("train", "overlays", "report.md", "metrics.json", "loss_curve.png", "codec.safetensors",
+                "model.safetensors", "run.json")
 
 
 def demo_settings(model: str) -> dict[str, Any]:
@@ -90,7 +96,7 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
              num_train: int | None = None, num_val: int | None = None, image_size: int | None = None,
              lr: float | None = None, batch_size: int | None = None, device: str = "cpu", pretrained: bool = False,
              backbone_checkpoint: str | Path | None = None, progress: bool = True, overlays: int = 6,
-             eval_every: int = 0) -> dict[str, Any]:
+             eval_every: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Run the whole demo and write out_dir/{report.md, metrics.json, loss_curve.png, overlays/, model.safetensors,
     codec.safetensors (a model with a codec), run.json, data/, train/}.
 
@@ -101,13 +107,15 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
     random weights unless `pretrained` (timm's ImageNet weights: needs the network) or `backbone_checkpoint` (a local
     timm-format file for the preset's backbone) is given; either uses the full-width backbone those weights are
     for. eval_every: also evaluate every N steps (the AP curve goes into metrics.json; training is unchanged).
-    Returns the metrics.json content.
+    overwrite: remove an earlier demo's outputs (DEMO_OUTPUTS; its data/ is reused when it matches) once every input
+    has been checked. Returns the metrics.json content.
     """
     from istr.codecs import MaskCodec
     from istr.data import make_synthetic_coco
     from istr.data.grids import coco_mask_grids
     from istr.engine.callbacks import StepTimer
     from istr.engine.evaluate import evaluate
+    from istr.engine.rundir import RunDir
     from istr.engine.train import Trainer
     from istr.models import default_model
     from istr.viz import plot_loss_curve, save_overlays
@@ -125,23 +133,24 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
         raise FileNotFoundError(f"no backbone checkpoint at {backbone_checkpoint}")
     if pretrained and backbone_checkpoint is not None:
         raise ValueError("pass either pretrained=True (timm's ImageNet weights) or backbone_checkpoint, not both")
+    data_cfg = {**DEMO_DATA[data], **{k: v for k, v in (("num_train", num_train), ("num_val", num_val),
+                                                         ("image_size", image_size)) if v is not None}}
     torch.set_num_threads(threads or os.cpu_count() or 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # every input is checked above: nothing is deleted for a run that cannot start
+        RunDir(out).clear(DEMO_OUTPUTS)
     t_start = time.perf_counter()
     machine = machine_info()
 
-    data_cfg = {**DEMO_DATA[data], **{k: v for k, v in (("num_train", num_train), ("num_val", num_val),
-                                                         ("image_size", image_size)) if v is not None}}
     data_dir = out / "data"
-    marker = data_dir / "demo_data.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == data_cfg):
+    if _demo_data_settings(data_dir) != data_cfg:
         if data_dir.exists():
             shutil.rmtree(data_dir)
         print(f"generating the {data} synthetic dataset ({data_cfg['num_train']} train / {data_cfg['num_val']} val "
               f"images of {data_cfg['image_size']} px) in {data_dir}")
         make_synthetic_coco(data_dir, **data_cfg)
-        marker.write_text(json.dumps(data_cfg))
+        (data_dir / "demo_data.json").write_text(json.dumps(data_cfg))
     train_ann = data_dir / "annotations" / "instances_train.json"
     val_ann = data_dir / "annotations" / "instances_val.json"
     t_data = time.perf_counter()
@@ -149,13 +158,15 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
     train_cfg = {**settings["train"], **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None}}
     size = data_cfg["image_size"]
     model_cfg = {**settings["model"], "min_size": size, "max_size": size}
-    if pretrained or backbone_checkpoint is not None:
-        model_cfg.pop("timm_kwargs", None)  # the weights are for the full-width backbone
+    overrides = dict(model_cfg)
+    if pretrained or backbone_checkpoint is not None:  # the weights are for the preset's full-width backbone
+        model_cfg.pop("timm_kwargs", None)
+        overrides["timm_kwargs"] = None
     if pretrained:
-        model_cfg["pretrained"] = True
+        model_cfg["pretrained"] = overrides["pretrained"] = True
     if backbone_checkpoint is not None:
-        model_cfg["checkpoint_path"] = str(backbone_checkpoint)
-    net, train_set, val_set = build_demo_model(data_dir, model, model_cfg, train_cfg["flip"], seed)
+        model_cfg["checkpoint_path"] = overrides["checkpoint_path"] = str(backbone_checkpoint)
+    net, train_set, val_set = build_demo_model(data_dir, model, overrides, train_cfg["flip"], seed)
     codec, codec_iou = getattr(net, "codec", None), None
     if isinstance(codec, MaskCodec):
         codec.save(out / "codec.safetensors")
@@ -179,16 +190,16 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
 
     metrics = evaluate(net, val_set, device=device, progress=False)
     t_eval = time.perf_counter()
-    shutil.copyfile(out / "train" / "model.safetensors", out / "model.safetensors")
-    (out / "run.json").write_text(json.dumps({"val_images": str((data_dir / "val").resolve()),
-                                              "val_ann": str(val_ann.resolve())}, indent=2))
-    plot_loss_curve(out / "train" / "log.jsonl", out / "loss_curve.png")
+    run = RunDir(out / "train")
+    shutil.copyfile(run.model_file, out / "model.safetensors")
+    RunDir(out).update_record(fresh=True, val_images=str((data_dir / "val").resolve()), val_ann=str(val_ann.resolve()))
+    plot_loss_curve(run.log_file, out / "loss_curve.png")
     score_threshold = 0.4
     overlay_paths = save_overlays(net, val_set, out / "overlays", overlays, score_threshold)
 
     curve = [{"iter": r["iter"], "segm_AP": r["metrics"]["segm"]["AP"], "bbox_AP": r["metrics"]["bbox"]["AP"]}
-             for r in map(json.loads, (out / "train" / "log.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
-    width = " (half width)" if "timm_kwargs" in model_cfg else ""
+             for r in run.read_log() if r.get("event") == "eval"]
+    width = " (half width)" if model_cfg.get("timm_kwargs") else ""
     report = {
         "metrics": {k: v for k, v in metrics.items() if k in ("bbox", "segm")}, "ap_curve": curve,
         "iterations": result.iterations, "train_seconds": round(result.elapsed_s, 1),
@@ -214,6 +225,23 @@ def run_demo(out_dir: str | Path = "runs/demo", iters: int | None = None, *, min
     return report
 
 
+def _init_text(model: dict[str, Any]) -> str:
+    if model.get("checkpoint_path"):
+        return f"the backbone checkpoint `{model['checkpoint_path']}` (neck and head from random initialisation)"
+    if model.get("pretrained"):
+        return "timm's ImageNet backbone weights (neck and head from random initialisation)"
+    return "random initialisation"
+
+
+def _demo_data_settings(data_dir: Path) -> dict[str, Any] | None:
+    """The settings the demo's data in data_dir was generated with, or None when there is none or its marker is
+    unreadable (a garbled marker means the data is regenerated, not a traceback)."""
+    try:
+        return json.loads((data_dir / "demo_data.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _report_md(r: dict[str, Any]) -> str:
     """A short report of metrics.json (README's "The demo" explains the setting and how to read it)."""
     m, mach, d, t = r["metrics"], r["machine"], r["data"], r["train"]
@@ -226,16 +254,21 @@ def _report_md(r: dict[str, Any]) -> str:
     lines = [
         "# istr demo", "",
         f"{r['model']['description']}, {r['model']['parameters'] / 1e6:.1f} M parameters, on the {d['difficulty']} "
-        f"synthetic shapes ({d['num_train']} training / {d['num_val']} validation images of {d['image_size']} px).", "",
+        f"synthetic shapes ({d['num_train']} training / {d['num_val']} validation images of {d['image_size']} px), "
+        f"trained from {_init_text(r['model'])}.", "",
         f"| COCO AP (%) | {' | '.join(cols)} |", f"|---|{'---|' * len(cols)}", rows, "",
         *([f"Codec reconstruction IoU on validation masks: {codec['val']:.3f}.", ""] if codec else []),
-        f"- iterations: {r['iterations']} of {r['iters_requested']} ({r['stop_reason']}), batch {t['batch_size']}",
-        f"- training: {r['train_seconds']:.0f} s ({r['seconds_per_iter']:.3f} s per iteration) on {t['device']}; "
-        f"evaluation {r['eval_seconds']:.0f} s; total {r['total_seconds']:.0f} s",
-        f"- optimizer: AdamW lr {t['lr']:g} (backbone x{t['backbone_lr_mult']:g}), weight decay {t['weight_decay']:g}, "
-        f"warmup {t['warmup_iters']}, lr x{t['gamma']:g} at {t['milestones']}, grad clip {t['clip_grad_norm']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']}; "
-        f"load average {mach.get('load_average_1m')} -> {mach.get('load_average_1m_end')}", "",
+        "| training | |", "|---|---|",
+        f"| iterations | {r['iterations']} of {r['iters_requested']} requested ({r['stop_reason']}), batch "
+        f"{t['batch_size']} |",
+        f"| training time | {r['train_seconds']:.0f} s, {r['seconds_per_iter']:.3f} s per iteration |",
+        f"| device | {t['device']} |",
+        f"| optimizer | AdamW lr {t['lr']:g} (backbone x{t['backbone_lr_mult']:g}), weight decay {t['weight_decay']:g}, "
+        f"warmup {t['warmup_iters']}, lr x{t['gamma']:g} at {t['milestones']}, grad clip {t['clip_grad_norm']} |",
+        f"| evaluation, total | {r['eval_seconds']:.0f} s, {r['total_seconds']:.0f} s |",
+        f"| machine | {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']} |",
+        f"| Load average (1 min) | {mach.get('load_average_1m')} at the start, {mach.get('load_average_1m_end')} at the "
+        "end (above the core count: the CPU was shared, which slows the run but does not change its result) |", "",
         "![loss curve](loss_curve.png)", "",
         f"## Validation images (left: ground truth, right: prediction, score >= {r['score_threshold']})", "", overlays, "",
     ]

@@ -19,7 +19,8 @@ from istr.fileio import read_json
 from istr.ops.masks import rasterize
 
 __all__ = ["CocoInstances", "collate_fn", "load_image", "pil_to_tensor", "image_tensor", "load_coco_json",
-           "read_coco_annotations", "describe_stats", "mask_inside_box", "MAX_IMAGE_PIXELS"]
+           "read_coco_annotations", "describe_stats", "mask_inside_box", "segmentation_problem", "segmentation_bbox",
+           "MAX_IMAGE_PIXELS"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ ANNOTATION_STATS: tuple[str, ...] = (
     "dropped_degenerate_boxes", "dropped_invalid_segmentations", "instances")  # fmt: skip
 
 
-def _segmentation_problem(seg: Any, h: int, w: int) -> str | None:
+def segmentation_problem(seg: Any, h: int, w: int) -> str | None:
     """None if `seg` is a usable COCO segmentation for an h x w image, else what is wrong with it."""
     if isinstance(seg, list):  # (coordinates are checked when rasterised: checking each here costs seconds on COCO)
         if not all(isinstance(p, list) for p in seg):
@@ -230,7 +231,7 @@ def _segmentation_problem(seg: Any, h: int, w: int) -> str | None:
     return f"expected a polygon list or an RLE dict, got {type(seg).__name__}"
 
 
-def _segmentation_bbox(seg: list | dict, h: int, w: int) -> list[float]:
+def segmentation_bbox(seg: list | dict, h: int, w: int) -> list[float]:
     """[x, y, w, h] bounds of a valid segmentation: the polygons' bounds (as COCO's own boxes), or the RLE's."""
     if isinstance(seg, list):
         xs = [v for p in seg if len(p) >= 6 for v in p[0::2]]
@@ -273,13 +274,13 @@ def read_coco_annotations(coco: COCO, *, min_box_size: float = 1.0,
                 if not include_crowd:
                     continue
             seg = ann.get("segmentation")
-            if _segmentation_problem(seg, h, w) is not None:
+            if segmentation_problem(seg, h, w) is not None:
                 stats["dropped_invalid_segmentations"] += 1
                 continue
             bbox = ann.get("bbox")
             if bbox is None:
                 try:
-                    bbox = _segmentation_bbox(seg, h, w)
+                    bbox = segmentation_bbox(seg, h, w)
                 except (TypeError, ValueError):  # coordinates that are not numbers, an undecodable RLE
                     stats["dropped_invalid_segmentations"] += 1
                     continue

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from istr.io import (LAST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints, load_model, load_torch_file,
-                     save_model)
+                     save_model, save_torch_file)
 
 __all__ = [
     "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
@@ -87,7 +87,7 @@ def save_checkpoint(ckpt_root: str | Path, model: nn.Module, trainer_state: dict
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_model(model, tmp / MODEL_FILE)
-        torch.save({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE)
+        save_torch_file({"format": _FORMAT, "version": _VERSION, **trainer_state}, tmp / STATE_FILE, "training state")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -19,11 +19,8 @@ from istr.checks import check_number
 from istr.data.results import validate_coco_results
 from istr.fileio import atomic_write_bytes
 
-try:  # the COCO reader's own rules for a usable segmentation (the training reader drops the same annotations)
-    from istr.data.coco import segmentation_bbox, segmentation_problem
-except ImportError:  # pragma: no cover - until istr.data.coco exports them under public names
-    from istr.data.coco import _segmentation_bbox as segmentation_bbox  # noqa: F401
-    from istr.data.coco import _segmentation_problem as segmentation_problem
+# the COCO reader's own rules for a usable segmentation (the training reader drops the same annotations)
+from istr.data.coco import segmentation_bbox, segmentation_problem
 
 __all__ = ["results_to_coco", "coco_evaluate", "as_coco", "score_results", "METRIC_NAMES"]
 

@@ -22,7 +22,7 @@ def _is_pil(item: Any) -> bool:
 
 
 def _as_image(item: ImageLike) -> torch.Tensor:
-    from istr.data.coco import load_image, pil_to_tensor
+    from istr.data.coco import image_tensor, load_image, pil_to_tensor
 
     if isinstance(item, (str, Path)):
         return load_image(item)
@@ -30,10 +30,7 @@ def _as_image(item: ImageLike) -> torch.Tensor:
         return pil_to_tensor(item)
     if not isinstance(item, torch.Tensor):
         raise TypeError(f"expected an image path, a PIL image or a tensor [3, H, W], got {type(item).__name__}")
-    if item.ndim != 3 or item.shape[0] not in (1, 3):
-        raise ValueError(f"image tensors must be [3, H, W] (or [1, H, W]), got shape {tuple(item.shape)}")
-    image = item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
-    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+    return image_tensor(item, "image")  # scaled by its dtype (uint8 / 255, uint16 / 65535), [1, H, W] -> [3, H, W]
 
 
 def _as_items(images: Any) -> tuple[list, bool]:
