@@ -175,6 +175,15 @@ def test_no_or_one_query(n_q):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_auto_takes_grid_sample_under_torch_compile():
+    shapes = SHAPES["odd"]
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, seed=10))
+    compiled = torch.compile(lambda v, l, w: ms_deform_attn(v, shapes, l, w), backend="eager", fullgraph=True)
+    out = compiled(value, locations, weights)
+    assert torch.equal(out, ms_deform_attn(value, shapes, locations, weights, impl="grid_sample"))
+    assert not torch.equal(out, ms_deform_attn(value, shapes, locations, weights, impl="gather"))
+
+
 def test_gather_rejects_what_grid_sample_rejects():
     value, locations, weights = (t.detach() for t in make_inputs(SHAPES["odd"], torch.float64))
     with pytest.raises(ValueError, match=r"expected S = sum\(H_l \* W_l\)"):
