@@ -16,11 +16,13 @@ from typing import Sequence
 import torch
 
 import istr
+import istr.convert as convert_cli
 from istr.checks import check_number
 from istr.cli_commands import cmd_demo, cmd_eval, cmd_fit_codec, cmd_predict, cmd_train
 from istr.cli_common import (add_config_args, check_device_flag, check_numbers, config_from_args, error_text,
                              number_arg, parse_key_values, resolve_model_path)
 from istr.engine.rundir import RunLockedError
+from istr.export import add_cli as add_export_cli
 from istr.models import default_model, list_models
 
 __all__ = ["main", "build_parser", "resolve_model_path", "parse_key_values", "config_from_args"]
@@ -79,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=default, help=f"model preset (istr.list_models()); default {default}")
     p.add_argument("--model-arg", nargs="*", metavar="K=V", help="preset overrides, e.g. num_queries=20 min_size=128")
     p.add_argument("--codec", metavar="PATH", help="a fitted codec file (istr fit-codec), for models with a codec")
+    p.add_argument("--init", metavar="PATH", help="start from these weights: an istr model file, or the authors' "
+                   "checkpoint converted on the fly (istr convert); matching tensors load, the summary is printed")
+    p.add_argument("--init-source", choices=convert_cli.SOURCES, help="the --init checkpoint's origin (default: "
+                   "detected from its keys)")
+    p.add_argument("--init-pca", metavar="FILE", help="istr-v1 --init: the authors' PCA components .npz (optional)")
     number_arg(p, "--codec-max-masks", integer=True, min=1, help="masks used by prepare_training to fit the "
                 "codec (default all)")
     p.add_argument("--augment", choices=("none", "flip", "paper"), default="flip",
@@ -128,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "categories saved with the model, if any)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert the authors' ISTR v1 / Deformable DETR checkpoints to a model file",
+                       description=convert_cli.DESCRIPTION)
+    convert_cli.add_arguments(p)
+    p.set_defaults(func=convert_cli.cmd_convert)
+
+    add_export_cli(sub)
 
     demo_models = list_models(demo=True)
     p = sub.add_parser("demo", help=f"synthetic data -> train a small preset ({default}) on CPU -> eval -> report",

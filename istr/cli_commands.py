@@ -23,6 +23,7 @@ from istr.engine.fit_codec import coco_mask_grids
 from istr.engine.predict import predict
 from istr.engine.rundir import RunDir, RunLockedError, write_error
 from istr.engine.train_loop import Trainer
+from istr.export import ExportedPredictor, is_exported_model
 from istr.fileio import atomic_write_bytes, check_readable_file, read_json
 from istr.io import CorruptFileError, MODEL_FILE, load_model
 from istr.models import create_model, preset_info
@@ -141,6 +142,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     model = build(f"the {args.model} preset", "--model-arg", create_model, args.model,
                    num_classes=train_set.num_classes, **({"codec": codec} if codec is not None else {}), **model_args)
+    if args.init is not None:
+        if resume is not None:
+            raise ValueError("--init starts a run from other weights and --resume continues this one; pass one of them")
+        from istr.convert import load_init
+
+        print(load_init(model, check_readable_file(args.init, "--init file"), source=args.init_source,
+                        pca_path=args.init_pca).summary())
     prepare = getattr(model, "prepare_training", None)
     if resume is None and callable(prepare):  # data-dependent preparation, e.g. fitting an unfitted codec
         note = prepare(train_paths[1], max_masks=args.codec_max_masks)
@@ -211,15 +219,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         check_readable_file(path, "image file")
     names = _category_names(args.ann) if args.ann else None
-    model = load_model(resolve_model_path(args.model), map_location=args.device)
-    if names is None and getattr(model, "categories", None):  # the training set's categories, saved with the model
-        names = [str(c.get("name", i)) for i, c in enumerate(model.categories)]
+    if is_exported_model(args.model):  # an ONNX / torch.export file from istr export: the same results dicts
+        model = ExportedPredictor(args.model)
+        run = lambda image: model(image, score_threshold=args.score_threshold)  # noqa: E731
+        categories = model.metadata.get("categories")
+    else:
+        model = load_model(resolve_model_path(args.model), map_location=args.device)
+        run = lambda image: predict(model, image, score_threshold=args.score_threshold)  # noqa: E731
+        categories = getattr(model, "categories", None)
+    if names is None and categories:  # the training set's categories, saved with the model
+        names = [str(c.get("name", i)) for i, c in enumerate(categories)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").unlink(missing_ok=True)  # a failure below must not leave an earlier run's results
     records = []
     for path in args.images:
         image = load_image(path)
-        result = predict(model, image, score_threshold=args.score_threshold)
+        result = run(image)
         overlay = out / (Path(path).stem + "_pred.png")
         save_image(draw_instances(image, result, class_names=names, score_threshold=args.score_threshold), overlay)
         records.append({"image": str(path), "overlay": str(overlay), "boxes": result["boxes"].tolist(),

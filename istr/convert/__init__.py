@@ -184,9 +184,8 @@ def _load_into(model: nn.Module, target: dict[str, torch.Tensor], converted: dic
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def build_parser(prog: str = "istr convert") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Convert the authors' checkpoints into an istr model file: "
-                                "ISTR v1 (detectron2, + its PCA file) or Deformable DETR (-> isda_r50's start).")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `istr convert` arguments on a parser (istr.cli adds them to its sub-command)."""
     p.add_argument("source_file", metavar="SOURCE", help="the authors' checkpoint (.pth)")
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the checkpoint's origin")
     p.add_argument("--out", required=True, help="the model file to write (.safetensors)")
@@ -204,11 +203,16 @@ def build_parser(prog: str = "istr convert") -> argparse.ArgumentParser:
     return p
 
 
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """`istr convert SOURCE --from istr-v1|deformable-detr [--pca FILE] --out model.safetensors` -> exit status
-    (0 done, 2 bad input with one line on stderr)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+DESCRIPTION = ("Convert the authors' checkpoints into an istr model file: ISTR v1 (detectron2, + its PCA file) or "
+               "Deformable DETR (-> isda_r50's start). Prints what was mapped, dropped and freshly initialised.")
+
+
+def build_parser(prog: str = "istr convert") -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=prog, description=DESCRIPTION))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Run a parsed `istr convert`; 0 when the model file was written, 2 (one line on stderr) for bad input."""
     try:
         if Path(args.out).is_dir():
             raise IsADirectoryError(f"--out {args.out} is a directory; give the model file's path")
@@ -228,3 +232,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report.summary())
     return 0
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """`istr convert SOURCE --from istr-v1|deformable-detr [--pca FILE] --out model.safetensors` -> exit status
+    (0 done, 2 bad input with one line on stderr)."""
+    return cmd_convert(build_parser().parse_args(argv))

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from istr.cli import build_parser, main, parse_key_values, resolve_model_path
 from train_utils import TINY_CODEC, TINY_MODEL, make_data
 
-COMMANDS = ["fit-codec", "train", "eval", "predict", "demo"]
+COMMANDS = ["fit-codec", "train", "eval", "predict", "convert", "export", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -163,3 +164,23 @@ def test_train_eval_predict_an_isda_model_by_name(tmp_path, capsys):
     import istr
 
     assert type(istr.load_model(run)).__name__ == "ISDA"
+
+
+def test_train_init_starts_from_another_runs_weights(tmp_path):
+    """istr train --init FILE: the new run starts from the file's weights (here a model file of this library; the
+    authors' checkpoints go through the same istr.convert.load_init); refused together with --resume."""
+    import istr
+
+    data = make_data(tmp_path / "data")
+    model_args = ["--model-arg", *(f"{k}={json.dumps(v)}" for k, v in TINY_MODEL.items()),
+                  f"codec_config={json.dumps(TINY_CODEC)}"]
+    common = ["train", "--synthetic", data["root"], *model_args, "--batch-size", "2", "--no-eval", "--no-progress"]
+    assert main([*common, "--max-iters", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--max-iters", "0", "--out", str(tmp_path / "b"), "--init",
+                 str(tmp_path / "a" / "model.safetensors")]) == 0
+    a, b = istr.load_model(tmp_path / "a"), istr.load_model(tmp_path / "b")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(SystemExit):
+        main([*common, "--max-iters", "1", "--out", str(tmp_path / "a"), "--resume", "--init",
+              str(tmp_path / "a" / "model.safetensors")])
