@@ -149,6 +149,9 @@ def ap(args: argparse.Namespace) -> dict:
 def write(results: dict, out: Path) -> None:
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
     merged = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if "ap" in results:  # AP rows accumulate over runs of other presets / budgets
+        keep = {(r["preset"], r["iters"]) for r in results["ap"]}
+        results = {"ap": [r for r in merged.get("ap", []) if (r["preset"], r["iters"]) not in keep] + results["ap"]}
     merged.update(results)
     merged["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                          "onnxruntime": __import__("onnxruntime").__version__}

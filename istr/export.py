@@ -15,8 +15,12 @@ The exported graph (each family's `model.export_head()`, an ExportHead) is tenso
 
 Valid detections equal model.eval()'s results for an image padded alone (eager inference groups images by padded
 size; OnnxPredictor does the same). Normalisation and padding happen inside the graph. A dynamic graph accepts any
-batch and any H, W that are multiples of size_divisible up to `image_size`; a static one (dynamic=False) only
-`image_size` (and any batch). The file's metadata ("istr", JSON) holds what the host needs: min_size, max_size,
+batch and any H, W that are multiples of size_divisible from the smallest size whose coarsest feature map has 2
+cells (64 for ISTR's stride 32, 96 for ISDA's stride 64; smaller images are padded up to it) to `image_size`; a
+static one (dynamic=False) only `image_size` (and any batch).
+
+The legacy exporter (torch.jit.trace, torch.onnx.export(..., dynamo=False)) is refused by the heads and by the
+models' forward with an error naming this module: a traced graph freezes sizes and detection counts. The file's metadata ("istr", JSON) holds what the host needs: min_size, max_size,
 size_divisible, the size range, the family, mask_threshold, categories.
 """
 from __future__ import annotations
@@ -179,7 +183,7 @@ def _example_inputs(div: int, low: tuple[int, int], size: tuple[int, int],
     if dynamic:
         lo, kh_max, kw_max = low[0] // div, size[0] // div, size[1] // div
         kh = min(max(lo + 1, 4), kh_max)
-        kw = next((k for k in (kh + 1, kh - 1, kh + 2) if lo <= k <= kw_max), kh)
+        kw = next((k for k in (kh + 1, kh - 1, kh + 2) if lo <= k <= kw_max), kw_max)
         h, w = kh * div, kw * div
     else:
         h, w = size
@@ -195,9 +199,11 @@ def _dynamic_shapes(div: int, low: tuple[int, int], size: tuple[int, int], dynam
     batch = Dim("batch", min=1, max=1024)
     if not dynamic:
         return {"images": {0: batch}, "sizes": {0: batch}}
-    h = Dim("height_blocks", min=low[0] // div, max=size[0] // div)
-    w = Dim("width_blocks", min=low[1] // div, max=size[1] // div)
-    return {"images": {0: batch, 2: div * h, 3: div * w}, "sizes": {0: batch}}
+    images: dict[int, Any] = {0: batch}
+    for axis, name, lo, hi in ((2, "height_blocks", low[0], size[0]), (3, "width_blocks", low[1], size[1])):
+        if hi > lo:  # a range of one size is a static axis
+            images[axis] = div * Dim(name, min=lo // div, max=hi // div)
+    return {"images": images, "sizes": {0: batch}}
 
 
 def export(model: nn.Module, path: str | Path, format: str = "onnx", image_size: Sequence[int] | None = None,
@@ -249,13 +255,20 @@ def _export_onnx(head: ExportHead, images: torch.Tensor, sizes: torch.Tensor, sh
                  meta: dict[str, Any], opset_version: int | None) -> None:
     import contextlib
     import io
+    import logging
     import warnings
 
+    quiet = logging.getLogger("onnxscript")  # its optimizer warns about every Split it does not fold
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(head, (images, sizes), None, dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=list(head.output_names), dynamic_shapes=shapes,
-                                    opset_version=opset_version, external_data=False, verbose=False)
+        try:
+            program = torch.onnx.export(head, (images, sizes), None, dynamo=True, input_names=list(INPUT_NAMES),
+                                        output_names=list(head.output_names), dynamic_shapes=shapes,
+                                        opset_version=opset_version, external_data=False, verbose=False)
+        finally:
+            quiet.setLevel(level)
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     program.save(str(path), external_data=False)
 
@@ -306,7 +319,8 @@ class ExportedPredictor:
     [0, 1] or uint8), a [B, 3, H, W] batch, or a list of those -> one result dict {"boxes", "labels", "scores",
     "masks" [N, 1, H, W]} per image at its original size (a single dict for a single image), as model.eval().
     The host resizes each image as the model's transform does and batches only images of the same padded size
-    (as eager inference), padding them to it (a static graph: to its one size).
+    (as eager inference), padding them to it; a static graph pads every image to its one size, so its results
+    equal eager's only for images whose own padded size that is (the backbone sees the extra padding).
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
@@ -413,6 +427,26 @@ class ExportedPredictor:
             batch = [_as_image(x) for x in items[start: start + batch_size]]
             results.extend(_filter(r, score_threshold) for r in self.infer(batch))
         return results[0] if single else results
+
+
+    def as_module(self) -> nn.Module:
+        """An eval-mode nn.Module around this predictor: module(images) -> results, for istr.engine.evaluate (which
+        reads num_classes and categories from it): evaluate(predictor.as_module(), dataset)."""
+        return _PredictorModule(self)
+
+
+class _PredictorModule(nn.Module):
+    def __init__(self, predictor: ExportedPredictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.num_classes = int(predictor.metadata["num_classes"])
+        self.categories = predictor.metadata.get("categories")
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, images: list[torch.Tensor], all_stages: bool = False) -> list[dict[str, torch.Tensor]]:
+        if all_stages:
+            raise ValueError("an exported model gives the last stage only; evaluate it without all_stages")
+        return self.predictor.infer(list(images))
 
 
 class OnnxPredictor(ExportedPredictor):

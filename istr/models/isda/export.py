@@ -100,11 +100,11 @@ def _transformer(transformer: torch.nn.Module, features: list[torch.Tensor],
     return torch.stack(hs), reference_points
 
 
-def _tight_boxes(binary: torch.Tensor) -> torch.Tensor:
-    """binary [B, K, H, W] -> [B, K, 4] xyxy boxes ending after the last pixel (masks_to_boxes + 1); 0 for empty."""
-    rows_any, cols_any = binary.any(-1), binary.any(-2)  # [B, K, H], [B, K, W]
-    ys = torch.arange(binary.shape[2], device=binary.device)
-    xs = torch.arange(binary.shape[3], device=binary.device)
+def _tight_boxes(rows_any: torch.Tensor, cols_any: torch.Tensor) -> torch.Tensor:
+    """Which rows [B, K, H] and columns [B, K, W] of each binary mask hold a pixel -> [B, K, 4] xyxy boxes ending
+    after the last pixel (masks_to_boxes + 1); 0 for an empty mask."""
+    ys = torch.arange(rows_any.shape[-1], device=rows_any.device)
+    xs = torch.arange(cols_any.shape[-1], device=cols_any.device)
     big_y, big_x = torch.full_like(ys, 2 ** 30), torch.full_like(xs, 2 ** 30)
     y0 = torch.where(rows_any, ys, big_y).amin(-1)
     x0 = torch.where(cols_any, xs, big_x).amin(-1)
@@ -156,15 +156,19 @@ class ISDAExportHead(ExportHead):
         rows = torch.arange(up.shape[2], device=up.device)
         cols = torch.arange(up.shape[3], device=up.device)
         inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
-        up = torch.where(inside[:, None], up, torch.zeros_like(up))
+        up = up * inside[:, None].to(up.dtype)  # 0 outside each image (probabilities: finite, >= 0)
         threshold = 0.5 if model.mask_threshold is None else model.mask_threshold
-        on = up >= threshold
-        valid = (maskness > 0) & on.flatten(2).any(-1)
-        boxes = _tight_boxes(on)
+        # two passes over the full-resolution masks: a row or column holds a pixel >= threshold iff its max does
+        rows_any, cols_any = up.amax(-1) >= threshold, up.amax(-2) >= threshold  # [B, K, H], [B, K, W]
+        valid = (maskness > 0) & rows_any.any(-1)
+        boxes = _tight_boxes(rows_any, cols_any)
         key = torch.where(valid, scores, torch.full_like(scores, -1.0))
         order = _stable_descending_order(key)
         take = lambda x: torch.gather(x, 1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731
-        return {"boxes": take(boxes), "scores": take(scores), "labels": take(labels), "masks": take(up),
+        b, k = order.shape
+        rows = (order + torch.arange(b, device=order.device)[:, None] * k).reshape(-1)  # the masks: whole rows
+        masks = up.flatten(0, 1).index_select(0, rows).view(up.shape)
+        return {"boxes": take(boxes), "scores": take(scores), "labels": take(labels), "masks": masks,
                 "valid": take(valid)}
 
     @classmethod
