@@ -184,6 +184,19 @@ def test_auto_takes_grid_sample_under_torch_compile():
     assert not torch.equal(out, ms_deform_attn(value, shapes, locations, weights, impl="gather"))
 
 
+def test_auto_takes_grid_sample_under_torch_export():
+    shapes = SHAPES["odd"]
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, seed=11))
+
+    class Attention(torch.nn.Module):
+        def forward(self, v, l, w):
+            return ms_deform_attn(v, shapes, l, w)
+
+    program = torch.export.export(Attention(), (value, locations, weights), strict=False)  # as istr.export does
+    graph = str(program.graph)
+    assert "grid_sampler" in graph and "embedding_bag" not in graph
+
+
 def test_gather_rejects_what_grid_sample_rejects():
     value, locations, weights = (t.detach() for t in make_inputs(SHAPES["odd"], torch.float64))
     with pytest.raises(ValueError, match=r"expected S = sum\(H_l \* W_l\)"):
