@@ -209,8 +209,8 @@ class _Layout:
         return rows.to(torch.int32 if self.rows < 2 ** 31 else torch.int64).view(x0.shape)
 
     def corner_index(self, top_left: torch.Tensor) -> torch.Tensor:
-        """top_left [B, L, P] -> [B, 4 * L * P] rows of the corners (y, x), (y, x+1), (y+1, x), (y+1, x+1),
-        corner-major within each bag (the order of the weights)."""
+        """top_left [B, L, P] -> [B, 4, L, P] rows of the corners (y, x), (y, x+1), (y+1, x), (y+1, x+1) (the
+        weights' layout: corner-major within each bag)."""
         offsets = torch.tensor([[0, 1, wp, wp + 1] for _, wp in self.padded], dtype=top_left.dtype,
                                device=top_left.device)
         index = torch.empty(top_left.shape[0], 4, *top_left.shape[1:], dtype=top_left.dtype, device=top_left.device)
