@@ -8,11 +8,15 @@ Random weights as benchmarks/speed.py sets them (ISTR: last box layers zeroed, r
 so that all 100 detections are kept and pasted; a PCA-60 codec fitted on random ellipses). The R50 rows run only
 when the 1-minute load average is below --max-load (the machine is shared), else they are listed as skipped.
 
+parity: eager vs onnxruntime on one image per preset (random weights as above; R50 presets at 800x1216): the
+tests' criteria (labels, scores, boxes, mask pixels) measured at full size.
+
 ap: a short demo run (istr.demo.run_demo, --iters steps on --num-train images, 1 thread), its model exported to
 ONNX, and istr.engine.evaluate on the demo's validation set, eager and through OnnxPredictor.as_module().
 
   python benchmarks/export.py latency --repeats 5 [--skip-r50]
   python benchmarks/export.py ap --iters 60 --num-train 80 --num-val 20
+  python benchmarks/export.py parity --models istr_r50_fpn_pca60 isda_r50
 Both merge their rows into benchmarks/results/export_cpu.{json,md} (--out to write elsewhere).
 """
 from __future__ import annotations
@@ -115,6 +119,31 @@ def latency(args: argparse.Namespace) -> dict:
     return {"latency": rows}
 
 
+@torch.no_grad()
+def parity(args: argparse.Namespace) -> dict:
+    """Eager vs onnxruntime on one image per preset (random weights as in latency), the tests' criteria measured."""
+    rows, work = [], Path(tempfile.mkdtemp(prefix="istr_export_parity_"))
+    torch.set_num_threads(1)
+    for preset in args.models:
+        h, w = (800, 1216) if "r50" in preset else (320, 480)
+        model = build(preset)
+        path = export(model, work / f"{preset}.onnx", format="onnx")
+        image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(1))
+        got, want = OnnxPredictor(path, threads=1)(image), model([image])[0]
+        same = len(got["labels"]) == len(want["labels"]) and torch.equal(got["labels"], want["labels"])
+        row = {"preset": preset, "image": f"{h}x{w}", "detections": len(want["labels"]), "same_labels": bool(same)}
+        if same:
+            row.update({"max_score_diff": float((got["scores"] - want["scores"]).abs().max()),
+                        "max_box_diff_px": float((got["boxes"] - want["boxes"]).abs().max()),
+                        "mask_pixels_differing": float(((got["masks"] >= 0.5) != (want["masks"] >= 0.5)).float().mean()),
+                        "max_mask_diff": float((got["masks"] - want["masks"]).abs().max())})
+        row["load_average"] = load()
+        rows.append(row)
+        print(json.dumps(row))
+        path.unlink()
+    return {"parity": rows}
+
+
 def ap(args: argparse.Namespace) -> dict:
     from istr.data.coco import CocoInstances
     from istr.demo import run_demo
@@ -173,6 +202,16 @@ def write(results: dict, out: Path) -> None:
                              f"{r['onnxruntime_ms']} | {r['ratio']} | {r['same_detections']} | "
                              f"{r['load_average'][0]} / {r['load_average'][1]} |")
         lines.append("")
+    if merged.get("parity"):
+        lines += ["## Parity on one image, random weights (eager vs onnxruntime through OnnxPredictor)", "",
+                  "| preset | image | detections | same labels | max score diff | max box diff px | "
+                  "mask pixels differing | load avg |", "|---|---|---|---|---|---|---|---|"]
+        for r in merged["parity"]:
+            num = lambda key: f"{r[key]:.2g}" if key in r else "-"  # noqa: E731
+            lines.append(f"| {r['preset']} | {r['image']} | {r['detections']} | {r['same_labels']} | "
+                         f"{num('max_score_diff')} | {num('max_box_diff_px')} | {num('mask_pixels_differing')} | "
+                         f"{r['load_average']} |")
+        lines.append("")
     if merged.get("ap"):
         lines += ["## A trained demo model: COCO AP on the demo's validation set, eager vs onnxruntime", "",
                   "| preset | steps | train / val images | mask AP eager | mask AP onnx | box AP eager | box AP onnx |",
@@ -198,11 +237,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--num-train", type=int, default=80)
     p.add_argument("--num-val", type=int, default=20)
+    p = sub.add_parser("parity")
+    p.add_argument("--models", nargs="+", default=["istr_r50_fpn_pca60", "isda_r50"])
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=RESULTS, help="results path without suffix")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    write(latency(args) if args.job == "latency" else ap(args), args.out)
+    write({"latency": latency, "ap": ap, "parity": parity}[args.job](args), args.out)
 
 
 if __name__ == "__main__":
