@@ -9,6 +9,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from istr.ops.tracing import is_exporting
+
 __all__ = ["IMPLS", "deform_attn_impl", "ms_deform_attn", "spatial_shapes_list"]
 
 SpatialShapes = Union[Sequence[Sequence[int]], torch.Tensor]
@@ -63,15 +65,6 @@ def deform_attn_impl(impl: str) -> Iterator[None]:
         _default_impl = previous
 
 
-def _exporting() -> bool:
-    """True while torch.compile/torch.export, torch.jit.trace or torch.onnx.export is capturing the graph."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None:
-        if getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)():
-            return True
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _check_inputs(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor,
                   attention_weights: torch.Tensor) -> None:
     if value.dim() != 4:
@@ -114,7 +107,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_
     shapes = spatial_shapes_list(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
     if impl == "auto":
-        impl = "gather" if value.device.type == "cpu" and not _exporting() else "grid_sample"
+        impl = "gather" if value.device.type == "cpu" and not is_exporting() else "grid_sample"
     if impl == "gather":
         return _ms_deform_attn_gather(value, shapes, sampling_locations, attention_weights)
     return _ms_deform_attn_grid_sample(value, shapes, sampling_locations, attention_weights)

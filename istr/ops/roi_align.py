@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from istr.ops.tracing import is_exporting
+
 __all__ = ["PyramidTable", "fpn_levels", "multiscale_roi_align", "roi_align_impl"]
 
 _IMPLS = ("auto", "embedding_bag", "export")
@@ -39,15 +41,6 @@ def roi_align_impl(impl: str) -> Iterator[None]:
         yield
     finally:
         _default_impl = previous
-
-
-def _exporting() -> bool:
-    """True while torch.export / torch.compile, jit tracing or torch.onnx.export is capturing a graph."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None:
-        if getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)():
-            return True
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PyramidTable:
@@ -130,7 +123,7 @@ def multiscale_roi_align(features: Sequence[torch.Tensor] | PyramidTable, boxes:
     of the padded input. Returns [B*K, C, S, S], or with tokens=True [B*K, S*S, C] (token = spatial index,
     row-major), the layout computed natively.
     """
-    export = _default_impl == "export" or (_default_impl == "auto" and _exporting())
+    export = _default_impl == "export" or (_default_impl == "auto" and is_exporting())
     if export:
         maps = features.features if isinstance(features, PyramidTable) else list(features)
         tab_strides = features.strides if isinstance(features, PyramidTable) else tuple(strides)

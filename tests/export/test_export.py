@@ -210,10 +210,16 @@ def test_export_roi_align_equals_embedding_bag():
 
 
 def test_isda_helpers_against_torch():
-    from istr.models.isda.export import _linspace, _stable_descending_order
+    from unittest import mock
 
-    for n in (1, 2, 3, 7, 24, 25, 200):
-        torch.testing.assert_close(_linspace(-1.0, 1.0, n, torch.zeros(1)), torch.linspace(-1, 1, n), rtol=0, atol=1e-7)
+    from istr.models.isda.export import _stable_descending_order
+    from istr.models.isda.heads import linspace
+
+    with mock.patch("istr.models.isda.heads.is_exporting", return_value=True):  # the traced path
+        for n in (1, 2, 3, 7, 24, 25, 200):
+            torch.testing.assert_close(linspace(-1.0, 1.0, n, torch.zeros(1)), torch.linspace(-1, 1, n), rtol=0,
+                                       atol=1e-7)
+    assert torch.equal(linspace(-1.0, 1.0, 7, torch.zeros(1)), torch.linspace(-1, 1, 7))  # eager: linspace itself
     key = torch.randint(0, 4, (3, 40), generator=torch.Generator().manual_seed(0)).float()
     key[0, :5] = -1
     assert torch.equal(_stable_descending_order(key), torch.sort(key, dim=1, descending=True, stable=True).indices)

@@ -183,8 +183,10 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: torch.Tensor
     """
     points = []
     for level, (h, w) in enumerate(spatial_shapes_list(spatial_shapes)):
-        ys = torch.linspace(0.5, h - 0.5, h, dtype=ratios.dtype, device=ratios.device)
-        xs = torch.linspace(0.5, w - 0.5, w, dtype=ratios.dtype, device=ratios.device)
+        # pixel centres: the values of linspace(0.5, h - 0.5, h), exact in float; arange keeps an exported graph's
+        # size free (linspace's step count would fix it)
+        ys = torch.arange(h, device=ratios.device).to(ratios.dtype) + 0.5
+        xs = torch.arange(w, device=ratios.device).to(ratios.dtype) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
         ref_y = ref_y.reshape(1, -1) / (ratios[:, None, level, 1] * h)
         ref_x = ref_x.reshape(1, -1) / (ratios[:, None, level, 0] * w)

@@ -9,7 +9,6 @@ from torchvision.ops import masks_to_boxes
 
 from istr.export import ExportHead
 from istr.models.base import topk_over_classes
-from istr.models.isda.deformable import valid_ratios
 from istr.models.isda.heads import mask_logits
 
 __all__ = ["ISDAExportHead"]
@@ -27,77 +26,6 @@ def _level_masks(sizes: torch.Tensor, padded: tuple[Any, Any], features: list[to
         cols = torch.arange(fw, device=f.device)
         masks.append((rows[None, :, None] >= limit_h[:, None, None]) | (cols[None, None, :] >= limit_w[:, None, None]))
     return masks
-
-
-def _linspace(start: float, end: float, steps: Any, like: torch.Tensor) -> torch.Tensor:
-    """torch.linspace(start, end, steps) (its CPU arithmetic: start + i * step below halfway, end - (steps - 1 - i)
-    * step from there) with `steps` read from a shape: linspace's own step count would fix the traced sizes."""
-    index = torch.arange(steps, device=like.device).to(like.dtype)
-    count = index.new_ones(()) * (steps - 1)
-    step = (end - start) / count.clamp(min=1)
-    halfway = torch.div(index.new_ones(()) * steps, 2, rounding_mode="floor").clamp(min=1)
-    return torch.where(index < halfway, start + step * index, end - step * (count - index))
-
-
-def _coordinate_channels(feat: torch.Tensor) -> torch.Tensor:
-    """isda.heads.coordinate_channels through _linspace: [N, C, H, W] -> [N, 2, H, W] (x, then y)."""
-    n, _, h, w = feat.shape
-    y, x = torch.meshgrid(_linspace(-1.0, 1.0, h, feat), _linspace(-1.0, 1.0, w, feat), indexing="ij")
-    return torch.stack([x, y])[None].expand(n, -1, -1, -1)
-
-
-def _mask_features(head: torch.nn.Module, features: list[torch.Tensor]) -> torch.Tensor:
-    """MaskFeatureHead.forward with _coordinate_channels: P2..P5 -> the MFR [N, K, h, w]."""
-    sizes = [feat.shape[-2:] for feat in features]
-    fused = None
-    for level, (feat, convs) in enumerate(zip(features, head.branches)):
-        x = torch.cat([feat, _coordinate_channels(feat)], 1) if level == 3 and head.mask_position else feat
-        for stage, conv in enumerate(convs):
-            x = conv(x)
-            if level > 0:
-                x = F.interpolate(x, size=sizes[level - 1 - stage], mode="bilinear", align_corners=False)
-        fused = x if fused is None else fused + x
-    if head.mask_stride != 4:
-        size = sizes[1] if head.mask_stride == 8 else (2 * sizes[0][0], 2 * sizes[0][1])
-        fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
-    return head.fuse(fused)
-
-
-def _encoder_reference_points(shapes: list[tuple[Any, Any]], ratios: torch.Tensor) -> torch.Tensor:
-    """deformable.encoder_reference_points with the pixel centres from arange + 0.5 (the same values as its
-    linspace(0.5, h - 0.5, h), whose step count would fix the traced sizes) -> [N, S, L, 2]."""
-    points = []
-    for level, (h, w) in enumerate(shapes):
-        ys = torch.arange(h, device=ratios.device).to(ratios.dtype) + 0.5
-        xs = torch.arange(w, device=ratios.device).to(ratios.dtype) + 0.5
-        ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
-        ref_y = ref_y.reshape(1, -1) / (ratios[:, None, level, 1] * h)
-        ref_x = ref_x.reshape(1, -1) / (ratios[:, None, level, 0] * w)
-        points.append(torch.stack([ref_x, ref_y], -1))
-    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
-
-
-def _transformer(transformer: torch.nn.Module, features: list[torch.Tensor],
-                 masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeformableTransformer.forward (eval, with masks) step by step, its encoder reference points from
-    _encoder_reference_points -> (hs [D, N, Q, C], reference_points [N, Q, 2])."""
-    transformer._check(features, masks)
-    src, pos, padding_mask, shapes = transformer.flatten(features, masks)
-    n = src.shape[0]
-    ratios = valid_ratios(masks, src.dtype)
-    memory = src
-    enc_ref = _encoder_reference_points(shapes, ratios)
-    for layer in transformer.encoder:
-        memory = layer(memory, pos, enc_ref, shapes, padding_mask)
-    query_pos, tgt = transformer.query_embedding.weight.split(transformer.hidden_dim, dim=1)
-    query_pos, tgt = query_pos.expand(n, -1, -1), tgt.expand(n, -1, -1)
-    reference_points = transformer.reference_points(query_pos).sigmoid()
-    dec_ref = reference_points[:, :, None] * ratios[:, None]
-    hs = []
-    for layer in transformer.decoder:
-        tgt = layer(tgt, query_pos, dec_ref, memory, shapes, padding_mask)
-        hs.append(tgt)
-    return torch.stack(hs), reference_points
 
 
 def _tight_boxes(rows_any: torch.Tensor, cols_any: torch.Tensor) -> torch.Tensor:
@@ -142,8 +70,8 @@ class ISDAExportHead(ExportHead):
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
         masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), features[1:])
-        hs, reference_points = _transformer(model.transformer, features[1:], masks)
-        mfr = _mask_features(model.mask_features, features[:4])
+        hs, reference_points, _ = model.transformer(features[1:], masks)
+        mfr = model.mask_features(features[:4])
         logits = model.class_embed(hs)
         kernels = model.kernel_head(hs, reference_points)
         scores, labels, query = topk_over_classes(logits[-1], model.detections_per_image)

@@ -1,22 +1,36 @@
 """ISDA's mask side: the mask feature representation (SOLOv2-style MFR) and per-query dynamic 1x1 kernels."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from istr.ops.tracing import is_exporting
+
 __all__ = ["KernelHead", "MaskFeatureHead", "coordinate_channels", "mask_logits"]
+
+
+def linspace(start: float, end: float, steps: Any, like: torch.Tensor) -> torch.Tensor:
+    """torch.linspace(start, end, steps) on like's dtype/device. While a graph is exported, the same arithmetic
+    (start + i * step below halfway, end - (steps - 1 - i) * step from there) as a tensor computation with `steps`
+    read from a shape, so that the graph does not fix the size (linspace's step count would); it agrees with
+    torch.linspace to 1 ulp (the eager path keeps torch.linspace itself)."""
+    if not is_exporting():
+        return torch.linspace(start, end, steps, dtype=like.dtype, device=like.device)
+    index = torch.arange(steps, device=like.device).to(like.dtype)
+    count = index.new_ones(()) * (steps - 1)
+    step = (end - start) / count.clamp(min=1)
+    halfway = torch.div(index.new_ones(()) * steps, 2, rounding_mode="floor").clamp(min=1)
+    return torch.where(index < halfway, start + step * index, end - step * (count - index))
 
 
 def coordinate_channels(feat: torch.Tensor) -> torch.Tensor:
     """Normalised pixel coordinates of a map [N, C, H, W] -> [N, 2, H, W]: x then y, linspace(-1, 1) over the
     whole (padded) map, as SOLOv2's CoordConv."""
     n, _, h, w = feat.shape
-    ys = torch.linspace(-1, 1, h, dtype=feat.dtype, device=feat.device)
-    xs = torch.linspace(-1, 1, w, dtype=feat.dtype, device=feat.device)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    y, x = torch.meshgrid(linspace(-1.0, 1.0, h, feat), linspace(-1.0, 1.0, w, feat), indexing="ij")
     return torch.stack([x, y])[None].expand(n, -1, -1, -1)
 
 
