@@ -183,3 +183,27 @@ def test_a_model_family_registered_from_outside_trains_saves_and_loads(tmp_path)
         assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4]
     finally:
         istr.io.ARCHITECTURES.unregister("toy_test")
+
+
+def test_mask_roi_class_option_trains_infers_and_round_trips(tmp_path):
+    """mask_roi_class (the demo's ISDA; not in the paper): class logits from the MFR inside each query's own mask.
+    Its last layer starts at zero bias, so the untrained logits are the query's own plus the MLP's; it trains, infers
+    and saves/loads like the rest, and its export is refused with a clear error."""
+    images, targets = make_batch()
+    torch.manual_seed(0)
+    model = tiny_isda(mask_roi_class=True)
+    assert model.mask_class is not None and "mask_class.mlp.3.weight" in model.state_dict()
+    losses = model(images, targets)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.mask_class.mlp[1].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        results = model(images)
+    assert len(results) == 2 and all(set(r) == {"boxes", "labels", "scores", "masks"} for r in results)
+    istr.save_model(model, tmp_path / "m.safetensors")
+    loaded = istr.load_model(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        again = loaded(images)
+    assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(results, again))
+    with pytest.raises(NotImplementedError, match="mask_roi_class"):
+        model.export_head().infer(torch.zeros(1, 3, 64, 64), torch.tensor([[64, 64]]))

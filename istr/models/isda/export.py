@@ -72,6 +72,9 @@ class ISDAExportHead(ExportHead):
         masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), features[1:])
         hs, reference_points, _ = model.transformer(features[1:], masks)
         mfr = model.mask_features(features[:4])
+        if model.mask_class is not None:
+            raise NotImplementedError("export of ISDA with mask_roi_class=True is not supported yet (its per-query "
+                                      "RoIAlign boxes are data-dependent); export a model without it")
         logits = model.class_embed(hs)
         kernels = model.kernel_head(hs, reference_points)
         scores, labels, query = topk_over_classes(logits[-1], model.detections_per_image)

@@ -142,3 +142,38 @@ def mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask_logits: expected kernels [..., N, Q, K] and mfr [N, K, h, w] with equal N and K, "
                          f"got {tuple(kernels.shape)} and {tuple(mfr.shape)}")
     return torch.einsum("...nqk,nkhw->...nqhw", kernels, mfr)
+
+
+class MaskRoIClassifier(nn.Module):
+    """Class logits from each query's own mask (an option, not in ISDA): a roi_size x roi_size RoIAlign of the MFR
+    inside the tight box of the query's mask (binarised at 0.5; the whole map for an empty mask), times the soft mask
+    aligned the same way, through an MLP (flatten -> hidden -> C). The classifier sees the object's features laid out
+    in space, as ISTR's RoI head does; it is added to the query's class logits.
+
+    forward(mask_logits [..., N, Q, h, w] (detached here), mfr [N, K, h, w]) -> [..., N, Q, C]."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, num_classes: int, roi_size: int = 7) -> None:
+        super().__init__()
+        self.roi_size = roi_size
+        self.mlp = nn.Sequential(nn.Flatten(1), nn.Linear(in_channels * roi_size ** 2, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, num_classes))
+        nn.init.zeros_(self.mlp[-1].bias)  # the query's own class logits (and their prior) stay the starting point
+
+    def forward(self, mask_logits: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        probs = mask_logits.detach().sigmoid()
+        h, w = probs.shape[-2:]
+        b, q = probs.shape[-4], probs.shape[-3]
+        flat = probs.reshape(-1, h, w)  # [M, h, w], M = prod(...) * N * Q
+        on = flat >= 0.5
+        rows, cols = on.any(-1), on.any(-2)  # [M, h], [M, w]
+        y0, y1 = rows.float().argmax(-1), h - rows.flip(-1).float().argmax(-1)
+        x0, x1 = cols.float().argmax(-1), w - cols.flip(-1).float().argmax(-1)
+        boxes = torch.stack([x0, y0, x1, y1], -1).to(mfr.dtype)
+        boxes[~rows.any(-1)] = torch.tensor([0.0, 0.0, w, h], dtype=mfr.dtype, device=mfr.device)
+        index = torch.arange(flat.shape[0], device=mfr.device)
+        r = self.roi_size
+        feats = roi_align(mfr, torch.cat([(index // q % b)[:, None].to(mfr.dtype), boxes], 1), r, 1.0, 2, aligned=True)
+        mask = roi_align(flat[:, None], torch.cat([index[:, None].to(mfr.dtype), boxes], 1), r, 1.0, 2, aligned=True)
+        return self.mlp(feats * mask).view(*probs.shape[:-2], -1)

@@ -11,7 +11,7 @@ from torch import nn
 from istr.io import register_architecture
 from istr.models.base import DetectionModel, check_backbone, check_positive_ints, topk_over_classes
 from istr.models.isda.deformable import DeformableTransformer, level_masks
-from istr.models.isda.heads import KernelHead, MaskFeatureHead, mask_logits
+from istr.models.isda.heads import KernelHead, MaskFeatureHead, MaskRoIClassifier, mask_logits
 from istr.models.isda.results import map_results
 from istr.models.isda.targets import mask_targets
 from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
@@ -35,6 +35,8 @@ class ISDA(DetectionModel):
     ISDA_COSTS / ISDA_LOSSES (needed only for training); every decoder layer is matched and supervised.
     The poster's ablations are arguments: `mask_stride` 8 | 4 | 2 (MFR resolution), `mask_position`
     (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
+    `mask_roi_class` (off by default; not in ISDA) adds class logits from the MFR inside each query's own mask
+    (MaskRoIClassifier): on the demo's data ISDA's queries found the masks but not the classes without it.
     As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
     come from the query embedding alone. Boxes are the tight boxes of the predicted masks. In eval mode images
     are batched only with images of the same padded size (an image's result does not depend on the batch).
@@ -48,7 +50,7 @@ class ISDA(DetectionModel):
                  num_decoder_layers: int = 6, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1,
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
-                 mask_feat_init_std: float | None = 0.01,
+                 mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -68,6 +70,7 @@ class ISDA(DetectionModel):
         self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.mask_class = MaskRoIClassifier(kernel_dim, hidden_dim, num_classes) if mask_roi_class else None
 
     def backbone_lr_names(self) -> set[str]:
         """The parameters trained at the backbone's lr multiplier: the trunk's only. The neck (channel mapper) trains
@@ -100,16 +103,26 @@ class ISDA(DetectionModel):
         logits = self.class_embed(hs)  # [D, B, Q, C]
         kernels = self.kernel_head(hs, reference_points)  # [D, B, Q, K]
         if self.training:
-            layers = [{"logits": logits[d], "mask_logits": mask_logits(kernels[d], mfr)} for d in range(len(hs))]
+            layers = []
+            for d in range(len(hs)):
+                masks_d = mask_logits(kernels[d], mfr)
+                layers.append({"logits": self._with_mask_class(logits[d], masks_d, mfr), "mask_logits": masks_d})
             prepared = mask_targets(targets, sizes, tuple(batch.shape[-2:]), self.mask_stride, device)
             if prepared and prepared[0]["masks"].shape[-2:] != layers[0]["mask_logits"].shape[-2:]:
                 raise ValueError(f"mask targets {tuple(prepared[0]['masks'].shape[-2:])} and mask logits "
                                  f"{tuple(layers[0]['mask_logits'].shape[-2:])} are on different grids")
             return self.criterion(layers, prepared, None)
         layer_ids = range(len(hs)) if all_stages else [len(hs) - 1]
+        logits = {d: self._with_mask_class(logits[d], None if self.mask_class is None else mask_logits(kernels[d], mfr),
+                                           mfr) for d in layer_ids}
         results = [map_results(self._detections(logits[d], kernels[d], mfr), sizes, original_sizes, self.mask_threshold,
                                self.mask_stride) for d in layer_ids]
         return results if all_stages else results[0]
+
+    def _with_mask_class(self, logits: torch.Tensor, masks: torch.Tensor | None, mfr: torch.Tensor) -> torch.Tensor:
+        """A layer's class logits [B, Q, C]; with mask_roi_class plus the MaskRoIClassifier of each query's own mask
+        logits `masks` [B, Q, h, w] (matching and inference alike)."""
+        return logits if self.mask_class is None else logits + self.mask_class(masks, mfr)
 
     def _detections(self, logits: torch.Tensor, kernels: torch.Tensor, mfr: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Top detections of one decoder layer: top-k over Q x C sigmoid scores (a query may give several
