@@ -65,7 +65,9 @@ def fit(model: str = "istr", seed: int = 0, threads: int | None = None, out_dir:
             extra["codec"] = codec.fit(coco_mask_grids(POOL_TRAIN, 28))
         torch.manual_seed(seed)
         net = istr.create_model(settings["preset"], num_classes=data.num_classes, **extra, **settings["model"])
-        cfg = TrainConfig(lr=settings["lr"], batch_size=IMAGES, max_iters=settings["iters"], warmup_iters=20,
+        # every recipe value explicit (the presets' recipes are for COCO schedules): the spread was measured so
+        cfg = TrainConfig(lr=settings["lr"], backbone_lr_mult=1.0, weight_decay=1e-4, batch_size=IMAGES,
+                          max_iters=settings["iters"], warmup_iters=20,
                           milestones=settings["milestones"], clip_grad_norm=settings["clip"], checkpoint_every=0,
                           progress=False, device="cpu", seed=seed, eval_at_end=False)
         with tempfile.TemporaryDirectory() as tmp:
