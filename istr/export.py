@@ -1,5 +1,8 @@
 """A trained model leaves Python: export to ONNX or torch.export (.pt2), run the file with onnxruntime (OnnxPredictor).
 
+Over 400 lines as one job: the graph contract, the writer that records it in the file and the predictor that reads it
+back must agree, and are kept in one place (the families' heads live in istr/models/<family>/export.py).
+
 The exported graph (each family's `model.export_head()`, an ExportHead) is tensor in, tensor out:
 
     inputs   images [B, 3, H, W] float32 in [0, 1]: the images resized on the host exactly as the model's transform

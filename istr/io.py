@@ -1,5 +1,8 @@
 """The one file format of istr models and codecs: safetensors tensors + JSON metadata; save/load of any model.
 
+Over 400 lines as one job: writing, verifying (checksums, versions, metadata keys) and reading the files belong
+together, so that what a file promises and what a reader checks are read side by side.
+
 A model file holds the state_dict and, in its metadata, what rebuilds the model:
     format "istr-model", version, istr_version,
     architecture   the registered architecture name (ARCHITECTURES: "istr", "isda", or one registered by a user)
