@@ -226,6 +226,7 @@ def test_a_full_disk_leaves_no_litter_and_says_how_much_space(data, codec_file, 
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "run"]
 
 
+@pytest.mark.slow  # ~30 s: trains to a checkpoint before the failing write
 def test_a_failed_checkpoint_write_through_the_api_leaves_no_temporary_folder(data, tmp_path, monkeypatch):
     import errno
 
