@@ -384,17 +384,23 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", model
 
 def _check_metadata_keys(path: Path, meta: dict[str, str], allowed: set[str], required: tuple[str, ...],
                          version: int) -> None:
-    """One ValueError naming the file and the missing required keys, or the keys this format does not have."""
+    """check_metadata_keys for model files (checksums required from format version 3 on)."""
+    required = required + ((CHECKSUMS_KEY,) if version >= 3 else ())
+    check_metadata_keys(path, meta, allowed, required, "model", meta.get("format"))
+
+
+def check_metadata_keys(path: Path, meta: dict[str, str], allowed: set[str], required: tuple[str, ...], kind: str,
+                        format_name: str | None = None) -> None:
+    """One ValueError naming the `kind` file ("model", "codec") and the missing required keys, or the keys its
+    format (`format_name`, default the kind) does not have."""
     missing = [k for k in required if k not in meta]
-    if version >= 3 and CHECKSUMS_KEY not in meta:
-        missing.append(CHECKSUMS_KEY)
     if missing:
-        raise ValueError(f"model file {path}: metadata key{'s' if len(missing) > 1 else ''} "
+        raise ValueError(f"{kind} file {path}: metadata key{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(map(repr, missing))} missing (keys: {sorted(meta)})")
     extra = sorted(set(meta) - allowed)
     if extra:
-        raise ValueError(f"model file {path}: unknown metadata key{'s' if len(extra) > 1 else ''} "
-                         f"{', '.join(map(repr, extra))} (a {meta.get('format')} file has {sorted(allowed)})")
+        raise ValueError(f"{kind} file {path}: unknown metadata key{'s' if len(extra) > 1 else ''} "
+                         f"{', '.join(map(repr, extra))} (a {format_name or kind} file has {sorted(allowed)})")
 
 
 def _file_categories(path: Path, meta: dict[str, str], config: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -197,7 +197,7 @@ def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | Non
     FileNotFoundError for a missing file, PermissionError for one this user cannot read, ValueError for a file that
     is not an istr codec.
     """
-    from istr.io import check_format_version, metadata_json, read_safetensors
+    from istr.io import check_format_version, check_metadata_keys, metadata_json, read_safetensors
 
     path = Path(path)
     mask_size = check_number("mask_size", mask_size, integer=True, min=1, allow_none=True)
@@ -206,14 +206,8 @@ def load_codec(path: str | Path, *, mask_size: int | None = None, dim: int | Non
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not an istr codec (metadata: {sorted(meta)})")
     version = check_format_version(path, meta, _FORMAT_VERSION, "codec")
-    missing = [k for k in ("codec", "config") + (("checksums",) if version >= 2 else ()) if k not in meta]
-    if missing:
-        raise ValueError(f"codec file {path}: metadata key{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(map(repr, missing))} missing (keys: {sorted(meta)})")
-    extra = sorted(set(meta) - _CODEC_KEYS)
-    if extra:
-        raise ValueError(f"codec file {path}: unknown metadata key{'s' if len(extra) > 1 else ''} "
-                         f"{', '.join(map(repr, extra))} (a codec file has {sorted(_CODEC_KEYS)})")
+    check_metadata_keys(path, meta, _CODEC_KEYS, ("codec", "config") + (("checksums",) if version >= 2 else ()),
+                        "codec")
     config = metadata_json(path, meta, "config", "codec")
     if not isinstance(config, dict):
         raise ValueError(f"codec file {path}: metadata key 'config' must be a JSON object, got {type(config).__name__}")
