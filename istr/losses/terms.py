@@ -29,7 +29,7 @@ from istr.matching.costs import box_scale, context_codec
 from istr.registry import Registry
 
 __all__ = ["LOSSES", "register_loss", "focal_loss", "l1_loss", "giou_loss", "embed_l2_loss",
-           "embed_smooth_l1_loss", "dice_loss", "mask_dice_loss", "matched_predictions", "matched_targets",
+           "embed_smooth_l1_loss", "dice_loss", "mask_dice_loss", "mask_bce_loss", "matched_predictions", "matched_targets",
            "dice_per_instance"]
 
 # a loss term is registered with the output and target keys it reads (SetCriterion checks them up front)
@@ -166,3 +166,16 @@ def mask_dice_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tup
     t = matched_targets(targets, "masks", indices).to(p.device, torch.float32).flatten(1)
     dice = 1 - 2 * (p * t).sum(1) / (p.pow(2).sum(1) + 1e-3 + t.pow(2).sum(1) + 1e-3)
     return dice.sum() / num_boxes
+
+
+@register_loss("mask_bce", reads=("mask_logits",), target_reads=("masks",))
+def mask_bce_loss(outputs: dict, targets: Sequence[dict], indices: Sequence[tuple], context,
+                  num_boxes: float) -> torch.Tensor:
+    """Per-pixel sigmoid binary cross-entropy on mask logits (Mask2Former's mask loss beside dice; not in ISDA):
+    the mean over each matched pair's pixels, summed over pairs / num_boxes. Dice alone weighs an object's pixels by
+    its size; BCE sharpens every boundary pixel alike."""
+    if not _num_matched(indices):
+        return _zero(outputs, "mask_logits")
+    logits = matched_predictions(outputs, "mask_logits", indices).float().flatten(1)
+    t = matched_targets(targets, "masks", indices).to(logits.device, torch.float32).flatten(1)
+    return F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean(1).sum() / num_boxes

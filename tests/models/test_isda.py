@@ -207,3 +207,15 @@ def test_mask_roi_class_option_trains_infers_and_round_trips(tmp_path):
     assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(results, again))
     with pytest.raises(NotImplementedError, match="mask_roi_class"):
         model.export_head().infer(torch.zeros(1, 3, 64, 64), torch.tensor([[64, 64]]))
+
+
+def test_losses_compose_with_a_mask_bce_term_and_round_trip(tmp_path):
+    """A user's ISDA variant in one dict: the authors' focal + dice plus per-pixel BCE on every decoder layer; the
+    saved file remembers the losses."""
+    losses = {"focal": 2.0, "mask_dice": 3.0, "mask_bce": 2.0}
+    model = tiny_isda(losses=losses)
+    assert model.criterion.losses == losses
+    out = _train_step(model)
+    assert {f"mask_bce_s{d}" for d in range(2)} <= set(out) and float(out["mask_bce_s1"]) > 0
+    istr.save_model(model, tmp_path / "m.safetensors")
+    assert istr.load_model(tmp_path / "m.safetensors").criterion.losses == losses
