@@ -219,3 +219,39 @@ def test_losses_compose_with_a_mask_bce_term_and_round_trip(tmp_path):
     assert {f"mask_bce_s{d}" for d in range(2)} <= set(out) and float(out["mask_bce_s1"]) > 0
     istr.save_model(model, tmp_path / "m.safetensors")
     assert istr.load_model(tmp_path / "m.safetensors").criterion.losses == losses
+
+
+def test_mask_roi_class_gt_teaches_the_classifier_on_target_masks():
+    """mask_roi_class_gt adds a focal term of the MaskRoIClassifier on every target mask: equal to an independent
+    computation of that term, zero (and connected) for a batch without objects, refused without mask_roi_class."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    from istr.models.isda.targets import mask_targets
+
+    images, targets = make_batch()
+    model = tiny_isda(mask_roi_class=True, mask_roi_class_gt=2.0)
+    losses = model(images, targets)
+    assert float(losses["roi_class_gt"]) > 0
+    base = tiny_isda(mask_roi_class=True)
+    plain = base(images, targets)
+    assert torch.allclose(losses["loss"] - losses["roi_class_gt"], plain["loss"], atol=1e-5)
+    # the term by hand: each target mask on the MFR's grid, as 0/1 probabilities, through the same classifier
+    batch, sizes = model.transform(images)
+    mfr = model.mask_features(model.backbone(batch)[:4])
+    want, n = 0.0, 0
+    with torch.no_grad():
+        mfr = mfr.detach()
+    for i, t in enumerate(mask_targets(targets, sizes, tuple(batch.shape[-2:]), model.mask_stride, "cpu")):
+        for mask, label in zip(t["masks"], t["labels"]):
+            logits = model.mask_class((mask * 40 - 20)[None, None, None], mfr[i : i + 1])[0, 0, 0].detach()
+            want += float(sigmoid_focal_loss(logits, torch.nn.functional.one_hot(label, model.num_classes).float(),
+                                             reduction="sum"))
+            n += 1
+    assert float(losses["roi_class_gt"]) == pytest.approx(2.0 * want / n, rel=1e-4)
+    empty = [{**t, "boxes": t["boxes"][:0], "labels": t["labels"][:0], "masks": t["masks"][:0]} for t in targets]
+    zero = model(images, empty)
+    assert float(zero["roi_class_gt"]) == 0.0
+    zero["loss"].backward()
+    assert model.mask_class.mlp[-1].weight.grad is not None
+    with pytest.raises(ValueError, match="mask_roi_class_gt"):
+        tiny_isda(mask_roi_class_gt=1.0)

@@ -37,6 +37,9 @@ class ISDA(DetectionModel):
     (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
     `mask_roi_class` (off by default; not in ISDA) adds class logits from the MFR inside each query's own mask
     (MaskRoIClassifier): on the demo's data ISDA's queries found the masks but not the classes without it.
+    `mask_roi_class_gt` > 0 (with mask_roi_class; not in ISDA) also trains that classifier on the ground-truth masks
+    themselves: a sigmoid focal term (weight mask_roi_class_gt, / num_boxes) on its logits for every target mask,
+    logged as "roi_class_gt", so its classes are taught on right masks from the first step.
     As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
     come from the query embedding alone. Boxes are the tight boxes of the predicted masks. In eval mode images
     are batched only with images of the same padded size (an image's result does not depend on the batch).
@@ -51,6 +54,7 @@ class ISDA(DetectionModel):
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
+                 mask_roi_class_gt: float = 0.0,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -71,6 +75,10 @@ class ISDA(DetectionModel):
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
         self.mask_class = MaskRoIClassifier(kernel_dim, hidden_dim, num_classes) if mask_roi_class else None
+        if mask_roi_class_gt < 0 or (mask_roi_class_gt and not mask_roi_class):
+            raise ValueError(f"mask_roi_class_gt: expected 0, or a weight > 0 with mask_roi_class=True, got "
+                             f"{mask_roi_class_gt!r} (mask_roi_class={mask_roi_class!r})")
+        self.mask_roi_class_gt = float(mask_roi_class_gt)
 
     def backbone_lr_names(self) -> set[str]:
         """The parameters trained at the backbone's lr multiplier: the trunk's only. The neck (channel mapper) trains
@@ -111,7 +119,8 @@ class ISDA(DetectionModel):
             if prepared and prepared[0]["masks"].shape[-2:] != layers[0]["mask_logits"].shape[-2:]:
                 raise ValueError(f"mask targets {tuple(prepared[0]['masks'].shape[-2:])} and mask logits "
                                  f"{tuple(layers[0]['mask_logits'].shape[-2:])} are on different grids")
-            return self.criterion(layers, prepared, None)
+            losses = self.criterion(layers, prepared, None)
+            return self._roi_class_gt_loss(losses, prepared, mfr) if self.mask_roi_class_gt else losses
         layer_ids = range(len(hs)) if all_stages else [len(hs) - 1]
         logits = {d: self._with_mask_class(logits[d], None if self.mask_class is None else mask_logits(kernels[d], mfr),
                                            mfr) for d in layer_ids}
@@ -123,6 +132,30 @@ class ISDA(DetectionModel):
         """A layer's class logits [B, Q, C]; with mask_roi_class plus the MaskRoIClassifier of each query's own mask
         logits `masks` [B, Q, h, w] (matching and inference alike)."""
         return logits if self.mask_class is None else logits + self.mask_class(masks, mfr)
+
+    def _roi_class_gt_loss(self, losses: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                           mfr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """losses plus mask_roi_class_gt x the sigmoid focal loss (alpha 0.25, gamma 2, summed / num_boxes) of the
+        MaskRoIClassifier's logits for every target mask (targets: mask_targets' dicts, masks on the MFR's grid)."""
+        from torchvision.ops import sigmoid_focal_loss
+
+        from istr.losses import count_boxes
+
+        counts = [len(t["labels"]) for t in targets]
+        num_boxes = count_boxes(targets, mfr.device)  # every rank all-reduces, with targets or without
+        if not max(counts, default=0):  # a zero still connected to the classifier (as the criterion's terms)
+            term = 0.0 * sum(p.sum() for p in self.mask_class.parameters())
+            return {**losses, "loss": losses["loss"] + term, "roi_class_gt": term.detach()}
+        b, t_max, (h, w) = len(targets), max(counts), mfr.shape[-2:]
+        gt = mfr.new_full((b, t_max, h, w), -20.0)  # an absent mask: its logits are never used
+        for i, t in enumerate(targets):
+            gt[i, :counts[i]] = t["masks"].to(mfr) * 40.0 - 20.0  # sigmoid: 1 inside, 0 outside
+        valid = torch.arange(t_max, device=mfr.device)[None] < torch.tensor(counts, device=mfr.device)[:, None]
+        logits = self.mask_class(gt, mfr)[valid].float()  # [T, C]
+        labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        onehot = torch.zeros_like(logits).scatter_(1, labels[:, None], 1.0)
+        term = self.mask_roi_class_gt * sigmoid_focal_loss(logits, onehot, reduction="sum") / num_boxes
+        return {**losses, "loss": losses["loss"] + term, "roi_class_gt": term.detach()}
 
     def _detections(self, logits: torch.Tensor, kernels: torch.Tensor, mfr: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Top detections of one decoder layer: top-k over Q x C sigmoid scores (a query may give several
