@@ -255,3 +255,20 @@ def test_mask_roi_class_gt_teaches_the_classifier_on_target_masks():
     assert model.mask_class.mlp[-1].weight.grad is not None
     with pytest.raises(ValueError, match="mask_roi_class_gt"):
         tiny_isda(mask_roi_class_gt=1.0)
+
+
+def test_first_level_2_feeds_the_transformer_p2_to_p5(tmp_path):
+    """first_level=2 (an option): the encoder's token count is that of P2..P5, training and inference work, and the
+    option survives a save/load; anything but 2 or 3 is refused."""
+    model = tiny_isda(first_level=2)
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda mod, args: seen.append([tuple(f.shape[-2:]) for f in args[0]]))
+    _train_step(model)
+    assert seen[0] == [(24, 24), (12, 12), (6, 6), (3, 3)]  # the batch pads to 96 x 96: strides 4..32, not 8..64
+    model.eval()
+    with torch.no_grad():
+        assert len(model(make_batch()[0])) == 2
+    istr.save_model(model, tmp_path / "m.safetensors")
+    assert istr.load_model(tmp_path / "m.safetensors").first_level == 2
+    with pytest.raises(ValueError, match="first_level"):
+        tiny_isda(first_level=4)

@@ -69,8 +69,9 @@ class ISDAExportHead(ExportHead):
         features = model.backbone(batch)
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
-        masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), features[1:])
-        hs, reference_points, _ = model.transformer(features[1:], masks)
+        levels = features[model.first_level - 2:][:4]  # P3..P6 (ISDA) or P2..P5
+        masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), levels)
+        hs, reference_points, _ = model.transformer(levels, masks)
         mfr = model.mask_features(features[:4])
         if model.mask_class is not None:
             raise NotImplementedError("export of ISDA with mask_roi_class=True is not supported yet (its per-query "

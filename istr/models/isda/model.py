@@ -37,6 +37,8 @@ class ISDA(DetectionModel):
     (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
     `mask_roi_class` (off by default; not in ISDA) adds class logits from the MFR inside each query's own mask
     (MaskRoIClassifier): on the demo's data ISDA's queries found the masks but not the classes without it.
+    `first_level` 3 (ISDA's) feeds the transformer P3..P6; 2 feeds it P2..P5 (an option, not in ISDA: on small
+    images the 1/4 map gives the queries finer features to attend to; P6 is then computed but unused).
     `mask_roi_class_gt` > 0 (with mask_roi_class; not in ISDA) also trains that classifier on the ground-truth masks
     themselves: a sigmoid focal term (weight mask_roi_class_gt, / num_boxes) on its logits for every target mask,
     logged as "roi_class_gt", so its classes are taught on right masks from the first step.
@@ -54,7 +56,7 @@ class ISDA(DetectionModel):
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
-                 mask_roi_class_gt: float = 0.0,
+                 mask_roi_class_gt: float = 0.0, first_level: int = 3,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -79,6 +81,9 @@ class ISDA(DetectionModel):
             raise ValueError(f"mask_roi_class_gt: expected 0, or a weight > 0 with mask_roi_class=True, got "
                              f"{mask_roi_class_gt!r} (mask_roi_class={mask_roi_class!r})")
         self.mask_roi_class_gt = float(mask_roi_class_gt)
+        if first_level not in (2, 3):
+            raise ValueError(f"first_level: expected 3 (P3..P6, ISDA's) or 2 (P2..P5), got {first_level!r}")
+        self.first_level = first_level
 
     def backbone_lr_names(self) -> set[str]:
         """The parameters trained at the backbone's lr multiplier: the trunk's only. The neck (channel mapper) trains
@@ -105,8 +110,9 @@ class ISDA(DetectionModel):
         features = self.backbone(batch)
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
-        masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in features[1:]], device=batch.device)
-        hs, reference_points, _ = self.transformer(features[1:], masks)  # hs [D, B, Q, d]
+        levels = features[self.first_level - 2:][:4]  # P3..P6 (ISDA) or P2..P5
+        masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in levels], device=batch.device)
+        hs, reference_points, _ = self.transformer(levels, masks)  # hs [D, B, Q, d]
         mfr = self.mask_features(features[:4])  # [B, K, h, w] at mask_stride
         logits = self.class_embed(hs)  # [D, B, Q, C]
         kernels = self.kernel_head(hs, reference_points)  # [D, B, Q, K]
