@@ -237,10 +237,9 @@ def test_mask_roi_class_gt_teaches_the_classifier_on_target_masks():
     assert torch.allclose(losses["loss"] - losses["roi_class_gt"], plain["loss"], atol=1e-5)
     # the term by hand: each target mask on the MFR's grid, as 0/1 probabilities, through the same classifier
     batch, sizes = model.transform(images)
-    mfr = model.mask_features(model.backbone(batch)[:4])
-    want, n = 0.0, 0
     with torch.no_grad():
-        mfr = mfr.detach()
+        mfr = model.mask_features(model.backbone(batch)[:4])
+    want, n = 0.0, 0
     for i, t in enumerate(mask_targets(targets, sizes, tuple(batch.shape[-2:]), model.mask_stride, "cpu")):
         for mask, label in zip(t["masks"], t["labels"]):
             logits = model.mask_class((mask * 40 - 20)[None, None, None], mfr[i : i + 1])[0, 0, 0].detach()

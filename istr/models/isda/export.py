@@ -9,7 +9,7 @@ from torchvision.ops import masks_to_boxes
 
 from istr.export import ExportHead
 from istr.models.base import topk_over_classes
-from istr.models.isda.heads import mask_logits
+from istr.models.isda.heads import mask_logits, tight_boxes
 
 __all__ = ["ISDAExportHead"]
 
@@ -26,20 +26,6 @@ def _level_masks(sizes: torch.Tensor, padded: tuple[Any, Any], features: list[to
         cols = torch.arange(fw, device=f.device)
         masks.append((rows[None, :, None] >= limit_h[:, None, None]) | (cols[None, None, :] >= limit_w[:, None, None]))
     return masks
-
-
-def _tight_boxes(rows_any: torch.Tensor, cols_any: torch.Tensor) -> torch.Tensor:
-    """Which rows [B, K, H] and columns [B, K, W] of each binary mask hold a pixel -> [B, K, 4] xyxy boxes ending
-    after the last pixel (masks_to_boxes + 1); 0 for an empty mask."""
-    ys = torch.arange(rows_any.shape[-1], device=rows_any.device)
-    xs = torch.arange(cols_any.shape[-1], device=cols_any.device)
-    big_y, big_x = torch.full_like(ys, 2 ** 30), torch.full_like(xs, 2 ** 30)
-    y0 = torch.where(rows_any, ys, big_y).amin(-1)
-    x0 = torch.where(cols_any, xs, big_x).amin(-1)
-    y1 = torch.where(rows_any, ys, -1).amax(-1) + 1
-    x1 = torch.where(cols_any, xs, -1).amax(-1) + 1
-    boxes = torch.stack([x0, y0, x1, y1], -1).to(torch.float32)
-    return torch.where(rows_any.any(-1)[..., None], boxes, torch.zeros_like(boxes))
 
 
 def _stable_descending_order(key: torch.Tensor) -> torch.Tensor:
@@ -69,7 +55,7 @@ class ISDAExportHead(ExportHead):
         features = model.backbone(batch)
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
-        levels = features[model.first_level - 2:][:4]  # P3..P6 (ISDA) or P2..P5
+        levels = model.transformer_levels(features)
         masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), levels)
         hs, reference_points, _ = model.transformer(levels, masks)
         mfr = model.mask_features(features[:4])
@@ -93,7 +79,7 @@ class ISDAExportHead(ExportHead):
         # two passes over the full-resolution masks: a row or column holds a pixel >= threshold iff its max does
         rows_any, cols_any = up.amax(-1) >= threshold, up.amax(-2) >= threshold  # [B, K, H], [B, K, W]
         valid = (maskness > 0) & rows_any.any(-1)
-        boxes = _tight_boxes(rows_any, cols_any)
+        boxes = tight_boxes(rows_any, cols_any)
         key = torch.where(valid, scores, torch.full_like(scores, -1.0))
         order = _stable_descending_order(key)
         take = lambda x: torch.gather(x, 1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731

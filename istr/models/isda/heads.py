@@ -144,6 +144,21 @@ def mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...nqk,nkhw->...nqhw", kernels, mfr)
 
 
+def tight_boxes(rows_any: torch.Tensor, cols_any: torch.Tensor) -> torch.Tensor:
+    """Which rows [..., H] and columns [..., W] of each binary mask hold a pixel -> [..., 4] float32 xyxy boxes ending
+    after the last pixel (masks_to_boxes + 1); 0 for an empty mask. Batched and traceable (the export head and the
+    mask-RoI classifier; torchvision's masks_to_boxes loops over masks and fails on empty ones)."""
+    ys = torch.arange(rows_any.shape[-1], device=rows_any.device)
+    xs = torch.arange(cols_any.shape[-1], device=cols_any.device)
+    big_y, big_x = torch.full_like(ys, 2 ** 30), torch.full_like(xs, 2 ** 30)
+    y0 = torch.where(rows_any, ys, big_y).amin(-1)
+    x0 = torch.where(cols_any, xs, big_x).amin(-1)
+    y1 = torch.where(rows_any, ys, -1).amax(-1) + 1
+    x1 = torch.where(cols_any, xs, -1).amax(-1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], -1).to(torch.float32)
+    return torch.where(rows_any.any(-1)[..., None], boxes, torch.zeros_like(boxes))
+
+
 class MaskRoIClassifier(nn.Module):
     """Class logits from each query's own mask (an option, not in ISDA): a roi_size x roi_size RoIAlign of the MFR
     inside the tight box of the query's mask (binarised at 0.5; the whole map for an empty mask), times the soft mask
@@ -168,9 +183,7 @@ class MaskRoIClassifier(nn.Module):
         flat = probs.reshape(-1, h, w)  # [M, h, w], M = prod(...) * N * Q
         on = flat >= 0.5
         rows, cols = on.any(-1), on.any(-2)  # [M, h], [M, w]
-        y0, y1 = rows.float().argmax(-1), h - rows.flip(-1).float().argmax(-1)
-        x0, x1 = cols.float().argmax(-1), w - cols.flip(-1).float().argmax(-1)
-        boxes = torch.stack([x0, y0, x1, y1], -1).to(mfr.dtype)
+        boxes = tight_boxes(rows, cols).to(mfr.dtype)
         boxes[~rows.any(-1)] = torch.tensor([0.0, 0.0, w, h], dtype=mfr.dtype, device=mfr.device)
         index = torch.arange(flat.shape[0], device=mfr.device)
         r = self.roi_size

@@ -92,6 +92,11 @@ class ISDA(DetectionModel):
         prefix = "backbone.body." if trunk is not self.backbone else "backbone."
         return {prefix + name for name, _ in trunk.named_parameters()}
 
+    def transformer_levels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The four maps the transformer reads from the backbone's P2..P6: P3..P6 (ISDA's) or, with first_level=2,
+        P2..P5 (the forward pass and the export head alike)."""
+        return list(features[self.first_level - 2:self.first_level + 2])
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
                 all_stages: bool = False) -> Any:
@@ -110,7 +115,7 @@ class ISDA(DetectionModel):
         features = self.backbone(batch)
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
-        levels = features[self.first_level - 2:][:4]  # P3..P6 (ISDA) or P2..P5
+        levels = self.transformer_levels(features)
         masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in levels], device=batch.device)
         hs, reference_points, _ = self.transformer(levels, masks)  # hs [D, B, Q, d]
         mfr = self.mask_features(features[:4])  # [B, K, h, w] at mask_stride
