@@ -271,3 +271,51 @@ def test_first_level_2_feeds_the_transformer_p2_to_p5(tmp_path):
     assert istr.load_model(tmp_path / "m.safetensors").first_level == 2
     with pytest.raises(ValueError, match="first_level"):
         tiny_isda(first_level=4)
+
+
+def test_mask_centroids_against_a_hand_computation():
+    """A mask's centroid: pixels of probability >= 0.5 weighted by it, as a fraction of the valid extent; an empty
+    mask keeps its fallback point."""
+    from istr.models.isda.heads import mask_centroids
+
+    probs = torch.full((1, 2, 4, 6), 0.1, dtype=torch.float64)
+    probs[0, 0, 1, 2], probs[0, 0, 2, 4] = 0.6, 0.9  # pixel centres (2.5, 1.5) and (4.5, 2.5) on a 6 x 4 grid
+    fallback = torch.tensor([[[0.3, 0.7], [0.2, 0.4]]], dtype=torch.float64)
+    ratios = torch.tensor([[0.75, 1.0]], dtype=torch.float64)  # the image covers 3/4 of the padded width
+    points = mask_centroids(torch.logit(probs), fallback, ratios)
+    x = (0.6 * 2.5 + 0.9 * 4.5) / 1.5 / 6 / 0.75
+    y = (0.6 * 1.5 + 0.9 * 2.5) / 1.5 / 4
+    torch.testing.assert_close(points[0, 0], torch.tensor([x, y], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(points[0, 1], fallback[0, 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [{"mask_feedback": True}, {"mask_reference": True},
+                                     {"mask_feedback": True, "mask_reference": True, "mask_roi_class": True}],
+                         ids=lambda o: "-".join(o))
+def test_mask_feedback_and_mask_reference_options(options, tmp_path):
+    """Options between decoder layers (not in ISDA): the second layer samples around the first layer's mask
+    centroids (mask_reference), the queries get their masks' features (mask_feedback, starting as the identity but
+    for a LayerNorm and learning), training and inference work, and a save/load reproduces the outputs."""
+    model = tiny_isda(**options)
+    seen = []
+    for layer in model.transformer.decoder:
+        layer.cross_attn.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    losses = _train_step(model)
+    assert set(losses) == {"loss"} | {f"{t}_s{d}" for t in ("focal", "mask_dice") for d in range(2)}
+    moved = not torch.equal(seen[0], seen[1])  # the points the two layers sampled around
+    assert moved == options.get("mask_reference", False)
+    if "mask_feedback" in options:
+        assert model.mask_feedback.mlp[-1].weight.grad.abs().sum() > 0
+    model.eval()
+    images, _ = make_batch()
+    with torch.no_grad():
+        before = model(images)
+        assert len(model(images, all_stages=True)) == 2
+    istr.save_model(model, tmp_path / "m.safetensors")
+    loaded = istr.load_model(tmp_path / "m.safetensors").eval()
+    assert loaded.mask_reference == model.mask_reference and (loaded.mask_feedback is None) == (model.mask_feedback is None)
+    with torch.no_grad():
+        after = loaded(images)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=0)

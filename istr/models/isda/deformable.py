@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -318,11 +318,17 @@ class DeformableTransformer(nn.Module):
         padding_mask = torch.cat(flat_masks, 1) if masks is not None else None
         return torch.cat(srcs, 1), torch.cat(poss, 1), padding_mask, shapes
 
-    def forward(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None
+    def forward(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None,
+                between: Optional[Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features: L maps [N, C, H_l, W_l]; masks: L bool [N, H_l, W_l] (True = padding; see level_masks) or None.
 
         Returns hs [num_decoder_layers, N, Q, C], reference_points [N, Q, 2] in [0, 1], memory [N, S, C].
+
+        between(d, tgt [N, Q, C], reference_points [N, Q, 2]) -> (tgt, reference_points), optional (not in Deformable
+        DETR or ISDA): called after every decoder layer d but the last; what it returns is layer d + 1's input (hs
+        keeps layer d's own output). With it, reference_points is returned per layer, [num_decoder_layers, N, Q, 2]:
+        the points each layer sampled around.
         """
         self._check(features, masks)
         src, pos, padding_mask, shapes = self.flatten(features, masks)
@@ -337,8 +343,12 @@ class DeformableTransformer(nn.Module):
         query_pos, tgt = query_pos.expand(n, -1, -1), tgt.expand(n, -1, -1)
         reference_points = self.reference_points(query_pos).sigmoid()  # [N, Q, 2]
         dec_ref = reference_points[:, :, None] * ratios[:, None]  # [N, Q, L, 2]
-        hs = []
-        for layer in self.decoder:
+        hs, layer_refs = [], []
+        for d, layer in enumerate(self.decoder):
             tgt = layer(tgt, query_pos, dec_ref, memory, shapes, padding_mask)
             hs.append(tgt)
-        return torch.stack(hs), reference_points, memory
+            layer_refs.append(reference_points)
+            if between is not None and d + 1 < len(self.decoder):
+                tgt, reference_points = between(d, tgt, reference_points)
+                dec_ref = reference_points[:, :, None] * ratios[:, None]
+        return torch.stack(hs), reference_points if between is None else torch.stack(layer_refs), memory

@@ -57,6 +57,10 @@ class ISDAExportHead(ExportHead):
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
         levels = model.transformer_levels(features)
         masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), levels)
+        if model.mask_feedback is not None or model.mask_reference:
+            raise NotImplementedError("export of ISDA with mask_feedback or mask_reference is not supported yet (their "
+                                      "per-query RoIAlign boxes and centroids are data-dependent); export a model "
+                                      "without them")
         hs, reference_points, _ = model.transformer(levels, masks)
         mfr = model.mask_features(features[:4])
         if model.mask_class is not None:

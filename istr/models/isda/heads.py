@@ -9,7 +9,8 @@ from torch import nn
 
 from istr.ops.tracing import is_exporting
 
-__all__ = ["KernelHead", "MaskFeatureHead", "coordinate_channels", "mask_logits"]
+__all__ = ["KernelHead", "MaskFeatureHead", "MaskFeedback", "coordinate_channels", "mask_centroids", "mask_logits",
+           "mask_roi_features"]
 
 
 def linspace(start: float, end: float, steps: Any, like: torch.Tensor) -> torch.Tensor:
@@ -123,15 +124,16 @@ class KernelHead(nn.Module):
                                  nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out))
 
     def forward(self, hs: torch.Tensor, reference_points: torch.Tensor | None = None) -> torch.Tensor:
-        """hs [..., N, Q, d] (e.g. all decoder layers [D, N, Q, d]); reference_points [N, Q, 2] in [0, 1]
-        (required with kernel_position) -> kernels [..., N, Q, kernel_dim]."""
+        """hs [..., N, Q, d] (e.g. all decoder layers [D, N, Q, d]); reference_points [N, Q, 2] in [0, 1], or
+        [..., N, Q, 2] one set per layer (required with kernel_position) -> kernels [..., N, Q, kernel_dim]."""
         kernels = self.mlp(hs)
         if not self.kernel_position:
             return kernels
-        if reference_points is None or reference_points.shape != hs.shape[-3:-1] + (2,):
+        if (reference_points is None or reference_points.shape[-3:] != hs.shape[-3:-1] + (2,)
+                or reference_points.dim() not in (3, hs.dim())):
             given = None if reference_points is None else tuple(reference_points.shape)
-            raise ValueError(f"reference_points: expected [N, Q, 2] = {tuple(hs.shape[-3:-1]) + (2,)} "
-                             f"with kernel_position, got {given}")
+            raise ValueError(f"reference_points: expected [N, Q, 2] = {tuple(hs.shape[-3:-1]) + (2,)} (or one per "
+                             f"leading index of hs {tuple(hs.shape[:-1])}) with kernel_position, got {given}")
         position = torch.logit(reference_points, eps=self.eps).expand(*kernels.shape[:-1], 2)
         return torch.cat([kernels, position], -1)
 
@@ -159,6 +161,66 @@ def tight_boxes(rows_any: torch.Tensor, cols_any: torch.Tensor) -> torch.Tensor:
     return torch.where(rows_any.any(-1)[..., None], boxes, torch.zeros_like(boxes))
 
 
+def mask_roi_features(mask_logits: torch.Tensor, mfr: torch.Tensor, roi_size: int = 7) -> torch.Tensor:
+    """The MFR inside each query's own mask: a roi_size x roi_size RoIAlign of mfr [N, K, h, w] inside the tight box
+    of the mask (mask_logits [..., N, Q, h, w], detached here, binarised at 0.5; the whole map for an empty mask),
+    times the soft mask aligned the same way -> [M, K, roi_size, roi_size], M = prod(...) * N * Q."""
+    from torchvision.ops import roi_align
+
+    probs = mask_logits.detach().sigmoid()
+    h, w = probs.shape[-2:]
+    b, q = probs.shape[-4], probs.shape[-3]
+    flat = probs.reshape(-1, h, w)  # [M, h, w]
+    on = flat >= 0.5
+    rows, cols = on.any(-1), on.any(-2)  # [M, h], [M, w]
+    boxes = tight_boxes(rows, cols).to(mfr.dtype)
+    boxes[~rows.any(-1)] = torch.tensor([0.0, 0.0, w, h], dtype=mfr.dtype, device=mfr.device)
+    index = torch.arange(flat.shape[0], device=mfr.device)
+    feats = roi_align(mfr, torch.cat([(index // q % b)[:, None].to(mfr.dtype), boxes], 1), roi_size, 1.0, 2,
+                      aligned=True)
+    mask = roi_align(flat[:, None], torch.cat([index[:, None].to(mfr.dtype), boxes], 1), roi_size, 1.0, 2, aligned=True)
+    return feats * mask
+
+
+def mask_centroids(mask_logits: torch.Tensor, fallback: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """Reference points from masks (an option, not in ISDA): the centroid (x, y) of each mask's pixels of probability
+    >= 0.5, weighted by that probability, as a fraction of the image's valid extent. mask_logits [N, Q, h, w] on the
+    padded batch's grid (detached here); ratios [N, 2] valid / padded extent (x, y); fallback [N, Q, 2] where a mask
+    is empty. -> [N, Q, 2] in [0, 1]."""
+    probs = mask_logits.detach().sigmoid()
+    weights = torch.where(probs >= 0.5, probs, torch.zeros_like(probs))
+    h, w = probs.shape[-2:]
+    ys = (torch.arange(h, device=probs.device, dtype=probs.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=probs.device, dtype=probs.dtype) + 0.5) / w
+    total = weights.sum((-2, -1))  # [N, Q]
+    cx = (weights.sum(-2) * xs).sum(-1) / total.clamp(min=1e-6)
+    cy = (weights.sum(-1) * ys).sum(-1) / total.clamp(min=1e-6)
+    points = (torch.stack([cx, cy], -1) / ratios[:, None].to(probs.dtype)).clamp(0.0, 1.0)
+    return torch.where(total[..., None] > 0, points.to(fallback.dtype), fallback)
+
+
+class MaskFeedback(nn.Module):
+    """Queries updated from their own masks between decoder layers (an option, not in ISDA): mask_roi_features of the
+    layer's masks through an MLP (flatten -> hidden -> hidden), added to the query, LayerNorm. The next layer's
+    self-attention then sees what each query's mask holds (queries on one object look alike), as ISTR's queries
+    see their RoI features. The last linear starts at zero: at initialisation the queries pass unchanged but for
+    the norm.
+
+    forward(tgt [N, Q, d], mask_logits [N, Q, h, w], mfr [N, K, h, w]) -> [N, Q, d]."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, roi_size: int = 7) -> None:
+        super().__init__()
+        self.roi_size = roi_size
+        self.mlp = nn.Sequential(nn.Flatten(1), nn.Linear(in_channels * roi_size ** 2, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, hidden_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, tgt: torch.Tensor, mask_logits: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
+        return self.norm(tgt + self.mlp(mask_roi_features(mask_logits, mfr, self.roi_size)).view_as(tgt))
+
+
 class MaskRoIClassifier(nn.Module):
     """Class logits from each query's own mask (an option, not in ISDA): a roi_size x roi_size RoIAlign of the MFR
     inside the tight box of the query's mask (binarised at 0.5; the whole map for an empty mask), times the soft mask
@@ -175,18 +237,4 @@ class MaskRoIClassifier(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)  # the query's own class logits (and their prior) stay the starting point
 
     def forward(self, mask_logits: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
-        probs = mask_logits.detach().sigmoid()
-        h, w = probs.shape[-2:]
-        b, q = probs.shape[-4], probs.shape[-3]
-        flat = probs.reshape(-1, h, w)  # [M, h, w], M = prod(...) * N * Q
-        on = flat >= 0.5
-        rows, cols = on.any(-1), on.any(-2)  # [M, h], [M, w]
-        boxes = tight_boxes(rows, cols).to(mfr.dtype)
-        boxes[~rows.any(-1)] = torch.tensor([0.0, 0.0, w, h], dtype=mfr.dtype, device=mfr.device)
-        index = torch.arange(flat.shape[0], device=mfr.device)
-        r = self.roi_size
-        feats = roi_align(mfr, torch.cat([(index // q % b)[:, None].to(mfr.dtype), boxes], 1), r, 1.0, 2, aligned=True)
-        mask = roi_align(flat[:, None], torch.cat([index[:, None].to(mfr.dtype), boxes], 1), r, 1.0, 2, aligned=True)
-        return self.mlp(feats * mask).view(*probs.shape[:-2], -1)
+        return self.mlp(mask_roi_features(mask_logits, mfr, self.roi_size)).view(*mask_logits.shape[:-2], -1)

@@ -11,7 +11,8 @@ from torch import nn
 from istr.io import register_architecture
 from istr.models.base import DetectionModel, check_backbone, check_positive_ints, topk_over_classes
 from istr.models.isda.deformable import DeformableTransformer, level_masks
-from istr.models.isda.heads import KernelHead, MaskFeatureHead, MaskRoIClassifier, mask_logits
+from istr.models.isda.heads import (KernelHead, MaskFeatureHead, MaskFeedback, MaskRoIClassifier, mask_centroids,
+                                    mask_logits)
 from istr.models.isda.results import map_results
 from istr.models.isda.targets import mask_targets
 from istr.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
@@ -42,8 +43,11 @@ class ISDA(DetectionModel):
     `mask_roi_class_gt` > 0 (with mask_roi_class; not in ISDA) also trains that classifier on the ground-truth masks
     themselves: a sigmoid focal term (weight mask_roi_class_gt, / num_boxes) on its logits for every target mask,
     logged as "roi_class_gt", so its classes are taught on right masks from the first step.
+    `mask_feedback` (not in ISDA) adds each decoder layer's MFR pooled inside the query's own mask to the query
+    before the next layer (MaskFeedback); `mask_reference` (not in ISDA) moves the next layer's reference points
+    (and the kernels' positions) to the centroids of the layer's masks (mask_centroids).
     As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
-    come from the query embedding alone. Boxes are the tight boxes of the predicted masks. In eval mode images
+    come from the query embedding alone (unless mask_reference). Boxes are the tight boxes of the predicted masks. In eval mode images
     are batched only with images of the same padded size (an image's result does not depend on the batch).
     """
 
@@ -56,7 +60,8 @@ class ISDA(DetectionModel):
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
-                 mask_roi_class_gt: float = 0.0, first_level: int = 3,
+                 mask_roi_class_gt: float = 0.0, first_level: int = 3, mask_feedback: bool = False,
+                 mask_reference: bool = False,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -84,6 +89,8 @@ class ISDA(DetectionModel):
         if first_level not in (2, 3):
             raise ValueError(f"first_level: expected 3 (P3..P6, ISDA's) or 2 (P2..P5), got {first_level!r}")
         self.first_level = first_level
+        self.mask_feedback = MaskFeedback(kernel_dim, hidden_dim) if mask_feedback else None
+        self.mask_reference = bool(mask_reference)
 
     def backbone_lr_names(self) -> set[str]:
         """The parameters trained at the backbone's lr multiplier: the trunk's only. The neck (channel mapper) trains
@@ -117,8 +124,9 @@ class ISDA(DetectionModel):
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
         levels = self.transformer_levels(features)
         masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in levels], device=batch.device)
-        hs, reference_points, _ = self.transformer(levels, masks)  # hs [D, B, Q, d]
         mfr = self.mask_features(features[:4])  # [B, K, h, w] at mask_stride
+        between = self._between_layers(mfr, sizes, tuple(batch.shape[-2:]))
+        hs, reference_points, _ = self.transformer(levels, masks, between)  # hs [D, B, Q, d]
         logits = self.class_embed(hs)  # [D, B, Q, C]
         kernels = self.kernel_head(hs, reference_points)  # [D, B, Q, K]
         if self.training:
@@ -138,6 +146,24 @@ class ISDA(DetectionModel):
         results = [map_results(self._detections(logits[d], kernels[d], mfr), sizes, original_sizes, self.mask_threshold,
                                self.mask_stride) for d in layer_ids]
         return results if all_stages else results[0]
+
+    def _between_layers(self, mfr: torch.Tensor, sizes: list[tuple[int, int]], padded: tuple[int, int]) -> Any:
+        """The transformer's `between` hook for mask_feedback / mask_reference (None without them): after decoder
+        layer d, the layer's masks (its kernels over the MFR) update the queries (MaskFeedback) and/or move the
+        reference points to the masks' centroids (mask_centroids) for layer d + 1."""
+        if self.mask_feedback is None and not self.mask_reference:
+            return None
+        ratios = torch.tensor([[w / padded[1], h / padded[0]] for h, w in sizes], dtype=mfr.dtype, device=mfr.device)
+
+        def between(d: int, tgt: torch.Tensor, reference_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            masks = mask_logits(self.kernel_head(tgt, reference_points), mfr)  # [B, Q, h, w]
+            if self.mask_feedback is not None:
+                tgt = self.mask_feedback(tgt, masks, mfr)
+            if self.mask_reference:
+                reference_points = mask_centroids(masks, reference_points, ratios)
+            return tgt, reference_points
+
+        return between
 
     def _with_mask_class(self, logits: torch.Tensor, masks: torch.Tensor | None, mfr: torch.Tensor) -> torch.Tensor:
         """A layer's class logits [B, Q, C]; with mask_roi_class plus the MaskRoIClassifier of each query's own mask
