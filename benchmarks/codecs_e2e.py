@@ -3,10 +3,13 @@
     python benchmarks/codecs_e2e.py --seeds 0 1 --jobs 2 --threads 1            # ~62 min on 2 CPU cores
     python benchmarks/codecs_e2e.py --name ablations_e2e --variants pca60 cost_none cost_dice cost_embed_l1 \
         attn_multihead                                                           # paper Table 1b / 1d rows
+    python benchmarks/codecs_e2e.py --name ablations_1c_1e --variants pca60 loss_dice loss_l2 pool_max pool_avg \
+        pos_only                                                                 # paper Table 1c / 1e rows
 
 Each variant is the demo (istr.demo: easy synthetic shapes, istr_tiny, its training settings and iteration budget)
 with one change, a one-line dict in VARIANTS: the codec (Table 1a: PCA-60 as in ISTR v1, a learned autoencoder-60,
-DCT-60, identity-784, each fitted on the training masks) or the matching cost (1b) or the attention (1d). Each run
+DCT-60, identity-784, each fitted on the training masks) or the matching cost (1b), the loss terms (1c), the
+attention (1d) or the initial queries' image pooling and position embeddings (1e). Each run
 is its own process (--jobs at a time); the table gives mask AP, AP50, AP75 and box AP per seed, and the codec's
 reconstruction IoU on the validation masks (the ceiling of mask quality). A difference between two variants is
 called beyond the seed spread when their per-seed ranges of mask AP do not overlap. Runs whose row is already in
@@ -38,6 +41,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cost_embed_l1": {"model": {"costs": {"focal": 2, "l1": 5, "giou": 2, "embed_l1": 2}}},
     "cost_dice": {"model": {"costs": {"focal": 2, "l1": 5, "giou": 2, "dice": 2}}},
     "attn_multihead": {"model": {"attention": "multihead"}},
+    # Table 1c (loss terms; pca60 is the paper's L2 + dice): dice only, the embedding L2 only
+    "loss_dice": {"model": {"losses": {"focal": 2, "l1": 5, "giou": 2, "dice": 2}}},
+    "loss_l2": {"model": {"losses": {"focal": 2, "l1": 5, "giou": 2, "embed_l2": 2}}},
+    # Table 1e (the initial queries; pca60 is the paper's image average pooling + position embeddings)
+    "pool_max": {"model": {"image_pool": "max", "position_embedding": False}},
+    "pool_avg": {"model": {"image_pool": "avg", "position_embedding": False}},
+    "pos_only": {"model": {"image_pool": None, "position_embedding": True}},
 }
 CODEC_VARIANTS = ["pca60", "ae60", "dct60", "identity784"]
 PRESET = "istr_tiny"  # every row is this preset with its demo settings (istr.demo.demo_settings) and one change
@@ -194,7 +204,7 @@ def main() -> None:
     iters = rows[0]["iterations"] if rows else "?"
     mean_step = sum(r["seconds_per_iter"] for r in rows) / max(len(rows), 1)
     width = "half-width " if "timm_kwargs" in demo["model"] else ""
-    md = f"""# Codecs (and Table 1b/1d variants) end to end: the demo's ISTR on easy synthetic shapes
+    md = f"""# Codecs (and Table 1b-1e variants) end to end: the demo's ISTR on easy synthetic shapes
 
 `python benchmarks/codecs_e2e.py {'' if args.name == 'codecs_e2e' else f'--name {args.name} '}--variants {' '.join(args.variants)} --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}`:
 {PRESET} with its demo settings (`istr.demo.demo_settings("{PRESET}")`: {demo['model']['num_queries']} queries, {width}ResNet-18;
