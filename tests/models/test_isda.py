@@ -290,12 +290,14 @@ def test_mask_centroids_against_a_hand_computation():
 
 
 @pytest.mark.parametrize("options", [{"mask_feedback": True}, {"mask_reference": True},
-                                     {"mask_feedback": True, "mask_reference": True, "mask_roi_class": True}],
-                         ids=lambda o: "-".join(o))
-def test_mask_feedback_and_mask_reference_options(options, tmp_path):
-    """Options between decoder layers (not in ISDA): the second layer samples around the first layer's mask
-    centroids (mask_reference), the queries get their masks' features (mask_feedback, starting as the identity but
-    for a LayerNorm and learning), training and inference work, and a save/load reproduces the outputs."""
+                                     {"mask_feedback": True, "mask_reference": True, "mask_roi_class": True},
+                                     {"mask_image_channels": 8, "mask_stride": 2}, {"mask_image_channels": 16}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_mask_feedback_mask_reference_and_image_branch_options(options, tmp_path):
+    """Options not in ISDA: the second layer samples around the first layer's mask centroids (mask_reference), the
+    queries get their masks' features (mask_feedback, starting as the identity but for a LayerNorm and learning),
+    the MFR gets an image branch at the mask stride (mask_image_channels); training and inference work, and a
+    save/load reproduces the outputs."""
     model = tiny_isda(**options)
     seen = []
     for layer in model.transformer.decoder:
@@ -306,6 +308,10 @@ def test_mask_feedback_and_mask_reference_options(options, tmp_path):
     assert moved == options.get("mask_reference", False)
     if "mask_feedback" in options:
         assert model.mask_feedback.mlp[-1].weight.grad.abs().sum() > 0
+    if "mask_image_channels" in options:
+        branch = model.mask_features.image_branch
+        assert len(branch) == {2: 1, 4: 2}[model.mask_stride] and branch[0][0].weight.grad.abs().sum() > 0
+        assert model.mask_features.fuse[0].in_channels == 16 + options["mask_image_channels"]
     model.eval()
     images, _ = make_batch()
     with torch.no_grad():

@@ -62,7 +62,7 @@ class ISDAExportHead(ExportHead):
                                       "per-query RoIAlign boxes and centroids are data-dependent); export a model "
                                       "without them")
         hs, reference_points, _ = model.transformer(levels, masks)
-        mfr = model.mask_features(features[:4])
+        mfr = model.mask_features(features[:4], batch)
         if model.mask_class is not None:
             raise NotImplementedError("export of ISDA with mask_roi_class=True is not supported yet (its per-query "
                                       "RoIAlign boxes are data-dependent); export a model without it")

@@ -55,9 +55,12 @@ class MaskFeatureHead(nn.Module):
 
     def __init__(self, in_channels: int = 256, feat_channels: int = 128, out_channels: int = 256,
                  mask_stride: int = 4, mask_position: bool = True, num_groups: int = 32,
-                 init_std: float | None = 0.01) -> None:
+                 init_std: float | None = 0.01, image_channels: int = 0) -> None:
         """init_std: every conv's weights drawn from N(0, init_std) (ISDA's mask_feat_head init_weights); None keeps
-        PyTorch's default initialisation."""
+        PyTorch's default initialisation. image_channels > 0 (an option, not in ISDA): an image branch, log2(mask_stride)
+        stride-2 [3x3 conv + GN + ReLU] from the (normalised) input image to image_channels at the mask stride, whose
+        output joins the fused branches at the final 1x1 conv: detail finer than P2's at strides 4 and 2 (the other
+        branches are only upsampled there)."""
         super().__init__()
         if mask_stride not in (2, 4, 8):
             raise ValueError(f"mask_stride: expected 2, 4 or 8, got {mask_stride}")
@@ -75,15 +78,26 @@ class MaskFeatureHead(nn.Module):
                     c_in += 2
                 convs.append(_conv_gn_relu(c_in, feat_channels, 3, num_groups))
             self.branches.append(convs)
-        self.fuse = _conv_gn_relu(feat_channels, out_channels, 1, num_groups)
+        self.image_branch = None
+        if image_channels:
+            if image_channels < 0 or image_channels % num_groups:
+                raise ValueError(f"image_channels: expected 0 or a multiple of num_groups={num_groups}, "
+                                 f"got {image_channels}")
+            convs = [_conv_gn_relu(3 if i == 0 else image_channels, image_channels, 3, num_groups)
+                     for i in range(mask_stride.bit_length() - 1)]
+            for conv in convs:
+                conv[0].stride = (2, 2)
+            self.image_branch = nn.Sequential(*convs)
+        self.fuse = _conv_gn_relu(feat_channels + image_channels, out_channels, 1, num_groups)
         if init_std is not None:
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.normal_(m.weight, std=init_std)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor | None = None) -> torch.Tensor:
         """features: P2..P5 [N, in_channels, H/s, W/s] for s = 4, 8, 16, 32 -> MFR [N, out_channels, h, w]
-        at stride mask_stride (h = H_P2 for 4, H_P3 for 8, 2 * H_P2 for 2)."""
+        at stride mask_stride (h = H_P2 for 4, H_P3 for 8, 2 * H_P2 for 2). image: the padded, normalised batch
+        [N, 3, H, W] (required with image_channels)."""
         if len(features) != 4:
             raise ValueError(f"features: expected 4 maps P2..P5, got {len(features)}")
         for level, feat in enumerate(features):
@@ -102,6 +116,15 @@ class MaskFeatureHead(nn.Module):
         if self.mask_stride != 4:
             size = sizes[1] if self.mask_stride == 8 else (2 * sizes[0][0], 2 * sizes[0][1])
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+        if self.image_branch is not None:
+            if image is None or image.dim() != 4 or image.shape[1] != 3:
+                raise ValueError(f"image: expected the batch [N, 3, H, W] with image_channels, got "
+                                 f"{None if image is None else tuple(image.shape)}")
+            detail = self.image_branch(image)
+            if detail.shape[-2:] != fused.shape[-2:]:
+                raise ValueError(f"the image branch gives a {tuple(detail.shape[-2:])} map, the fused features are "
+                                 f"{tuple(fused.shape[-2:])}: the padded image must be divisible by 32")
+            fused = torch.cat([fused, detail], 1)
         return self.fuse(fused)
 
 

@@ -46,6 +46,8 @@ class ISDA(DetectionModel):
     `mask_feedback` (not in ISDA) adds each decoder layer's MFR pooled inside the query's own mask to the query
     before the next layer (MaskFeedback); `mask_reference` (not in ISDA) moves the next layer's reference points
     (and the kernels' positions) to the centroids of the layer's masks (mask_centroids).
+    `mask_image_channels` > 0 (not in ISDA) adds an image branch to the MFR (MaskFeatureHead image_channels): detail
+    from the input image itself at the mask stride, for small objects and stride 2.
     As in the reference, one class layer and one kernel MLP serve all decoder layers, and the reference points
     come from the query embedding alone (unless mask_reference). Boxes are the tight boxes of the predicted masks. In eval mode images
     are batched only with images of the same padded size (an image's result does not depend on the batch).
@@ -61,7 +63,7 @@ class ISDA(DetectionModel):
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
                  mask_roi_class_gt: float = 0.0, first_level: int = 3, mask_feedback: bool = False,
-                 mask_reference: bool = False,
+                 mask_reference: bool = False, mask_image_channels: int = 0,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -77,7 +79,7 @@ class ISDA(DetectionModel):
         self.transformer = DeformableTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim,
                                                  dropout, num_levels=4, num_points=num_points, num_queries=num_queries)
         self.mask_features = MaskFeatureHead(hidden_dim, mask_feat_dim, kernel_dim, mask_stride, mask_position,
-                                             num_groups, mask_feat_init_std)
+                                             num_groups, mask_feat_init_std, mask_image_channels)
         self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
@@ -124,7 +126,7 @@ class ISDA(DetectionModel):
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
         levels = self.transformer_levels(features)
         masks = level_masks(sizes, tuple(batch.shape[-2:]), [f.shape[-2:] for f in levels], device=batch.device)
-        mfr = self.mask_features(features[:4])  # [B, K, h, w] at mask_stride
+        mfr = self.mask_features(features[:4], batch)  # [B, K, h, w] at mask_stride
         between = self._between_layers(mfr, sizes, tuple(batch.shape[-2:]))
         hs, reference_points, _ = self.transformer(levels, masks, between)  # hs [D, B, Q, d]
         logits = self.class_embed(hs)  # [D, B, Q, C]
