@@ -325,3 +325,17 @@ def test_mask_feedback_mask_reference_and_image_branch_options(options, tmp_path
     for a, b in zip(before, after):
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
         torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=0)
+
+
+def test_the_isda_demo_runs_with_its_settings(tmp_path):
+    """`istr demo --model isda_tiny` in miniature: the demo's ISDA (masks at stride 2 with an image branch, the
+    mask-RoI class term, masks fed back between decoder layers) trains, evaluates and reports what it is."""
+    from istr.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", model="isda_tiny", iters=4, num_train=8, num_val=4, image_size=64, threads=1,
+                      progress=False, overlays=1)
+    model = istr.load_model(tmp_path / "demo" / "model.safetensors")
+    assert (model.mask_stride, model.mask_features.image_branch is not None, model.mask_class is not None,
+            model.mask_feedback is not None, model.mask_reference) == (2, True, True, True, True)
+    assert report["iterations"] == 4 and 0.0 <= report["metrics"]["segm"]["AP"] <= 1.0
+    assert "masks at stride 2 with an image branch" in (tmp_path / "demo" / "report.md").read_text()

@@ -48,13 +48,17 @@ ISDA_RECIPE: dict[str, Any] = dict(lr=1.25e-4, weight_decay=1e-4, backbone_lr_mu
 register_preset("isda_r50", build_isda, family="isda", recipe=ISDA_RECIPE, backbone="resnet50", frozen_bn=True,
                 freeze_at=2, train_min_sizes=tuple(range(480, 801, 32)))
 
-# The demo's settings for isda_tiny (istr.demo): the demo's images at their own size, 20 queries, and the mask-RoI
-# class term (benchmarks/results/isda_demo_levers.md: without it the queries found the masks but not the classes).
-ISDA_DEMO = {"model": dict(num_queries=20, train_min_sizes=None, detections_per_image=50, mask_roi_class=True),
+# The demo's settings for isda_tiny (istr.demo; benchmarks/results/isda_demo_levers.md): the demo's images at their own
+# size, 20 queries, the mask-RoI class term (without it the queries found the masks but not the classes), masks at
+# stride 2 from an MFR with an image branch (its small objects need detail finer than P2's), the queries fed their
+# masks' features and reference points moved to their masks between decoder layers. None of these is in ISDA.
+ISDA_DEMO = {"model": dict(num_queries=20, train_min_sizes=None, detections_per_image=50, mask_roi_class=True,
+                           mask_stride=2, mask_image_channels=16, mask_feedback=True, mask_reference=True),
              "train": dict(lr=5e-4, backbone_lr_mult=0.4, batch_size=8, iters=2100, warmup_iters=50, decay_at=0.65,
                            gamma=0.1, clip_grad_norm=1.0, flip=True),
              "description": "ISDA (`{preset}`: ResNet-18{width} with a channel mapper, deformable transformer, "
-                            "{num_queries} queries, masks at stride {mask_stride}, a mask-RoI class term)"}
+                            "{num_queries} queries, masks at stride {mask_stride} with an image branch, a mask-RoI "
+                            "class term, masks fed back between decoder layers)"}
 # CPU-sized: ResNet-18, 64-d, 2 + 2 layers, 4 heads, 30 queries, MFR 32 -> 64 (tests, examples, the demo)
 register_preset("isda_tiny", build_isda, family="isda", recipe=ISDA_RECIPE, demo=ISDA_DEMO, backbone="resnet18",
                 frozen_bn=False, freeze_at=0, hidden_dim=64, num_queries=30, num_encoder_layers=2, num_decoder_layers=2,
