@@ -52,20 +52,21 @@ class ISDAExportHead(ExportHead):
 
     def infer(self, batch: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
+        # refused before any work: their per-query RoIAlign boxes and mask centroids are data-dependent
+        if model.mask_class is not None:
+            raise NotImplementedError("export of ISDA with mask_roi_class=True is not supported yet (its per-query "
+                                      "RoIAlign boxes are data-dependent); export a model without it")
+        if model.mask_feedback is not None or model.mask_reference:
+            raise NotImplementedError("export of ISDA with mask_feedback or mask_reference is not supported yet (their "
+                                      "per-query RoIAlign boxes and centroids are data-dependent); export a model "
+                                      "without them")
         features = model.backbone(batch)
         if len(features) != 5:
             raise ValueError(f"the backbone returned {len(features)} feature maps, expected 5 (P2..P6)")
         levels = model.transformer_levels(features)
         masks = _level_masks(sizes, (batch.shape[2], batch.shape[3]), levels)
-        if model.mask_feedback is not None or model.mask_reference:
-            raise NotImplementedError("export of ISDA with mask_feedback or mask_reference is not supported yet (their "
-                                      "per-query RoIAlign boxes and centroids are data-dependent); export a model "
-                                      "without them")
         hs, reference_points, _ = model.transformer(levels, masks)
         mfr = model.mask_features(features[:4], batch)
-        if model.mask_class is not None:
-            raise NotImplementedError("export of ISDA with mask_roi_class=True is not supported yet (its per-query "
-                                      "RoIAlign boxes are data-dependent); export a model without it")
         logits = model.class_embed(hs)
         kernels = model.kernel_head(hs, reference_points)
         scores, labels, query = topk_over_classes(logits[-1], model.detections_per_image)
