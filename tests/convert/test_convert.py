@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,8 +140,9 @@ def v1(tmp_path_factory):
     d = tmp_path_factory.mktemp("v1")
     src = istr_v1_checkpoint(d / "istr_r50.pth")
     model, report = convert(d / "istr_r50.pth", "istr-v1", out=d / "m.safetensors")
-    return SimpleNamespace(dir=d, src=src, ckpt=d / "istr_r50.pth", model=model, report=report,
-                           file=d / "m.safetensors")
+    yield SimpleNamespace(dir=d, src=src, ckpt=d / "istr_r50.pth", model=model, report=report,
+                          file=d / "m.safetensors")
+    shutil.rmtree(d, ignore_errors=True)  # ~480 MB: not kept to the end of the session
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,8 @@ def dd(tmp_path_factory):
     d = tmp_path_factory.mktemp("dd")
     src = dd_checkpoint(d / "dd.pth")
     model, report = convert(d / "dd.pth", "deformable-detr", out=d / "isda.safetensors")
-    return SimpleNamespace(dir=d, src=src, ckpt=d / "dd.pth", model=model, report=report, file=d / "isda.safetensors")
+    yield SimpleNamespace(dir=d, src=src, ckpt=d / "dd.pth", model=model, report=report, file=d / "isda.safetensors")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- manifests

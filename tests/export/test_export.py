@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,7 +240,8 @@ def exported(tmp_path_factory):
             cache[family, fmt] = model, export(model, folder / f"{family}.{fmt}", format=fmt, image_size=size)
         return cache[family, fmt]
 
-    return get
+    yield get
+    shutil.rmtree(folder, ignore_errors=True)  # ~190 MB: not kept to the end of the session
 
 
 @pytest.mark.slow
