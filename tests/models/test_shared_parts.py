@@ -116,3 +116,49 @@ def test_isda_map_results_resize_crop_and_box_the_masks():
     ys, xs = torch.nonzero(up, as_tuple=True)
     assert result["boxes"][0].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
     assert torch.equal(result["masks"][0, 0], up.float())
+
+
+def _map_results_plainly(detections, sizes, original_sizes, mask_threshold, mask_stride):
+    """map_results as first written (upsample, crop, resize, threshold, torchvision's masks_to_boxes): the reference
+    for the faster one, which skips a resize to the same size, binarises in place and boxes by rows and columns."""
+    from torchvision.ops import masks_to_boxes
+
+    results = []
+    for det, size, (h, w) in zip(detections, sizes, original_sizes):
+        labels, scores, maps = det["labels"], det["scores"], det["mask_maps"]
+        masks = maps.new_zeros((maps.shape[0], h, w))
+        if maps.shape[0]:
+            up = F.interpolate(maps[:, None].float(), scale_factor=mask_stride, mode="bilinear", align_corners=False)
+            masks = F.interpolate(up[:, :, : size[0], : size[1]], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        binary = masks >= (0.5 if mask_threshold is None else mask_threshold)
+        keep = binary.flatten(1).any(1)
+        masks, binary, labels, scores = masks[keep], binary[keep], labels[keep], scores[keep]
+        boxes = masks_to_boxes(binary).to(masks.dtype) if len(masks) else masks.new_zeros((0, 4))
+        boxes[:, 2:] += 1
+        if mask_threshold is not None:
+            masks = (masks >= mask_threshold).float()
+        results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks[:, None]})
+    return results
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, None])
+def test_isda_map_results_equal_the_plain_chain_bit_for_bit(threshold):
+    """Same size (the resize skipped), padding cropped, resized down and up, empty maps, no detection at all."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 10, 12, generator=g) ** 3  # [0, 1], most of it below 0.5
+    maps[1] = 0.2  # empty at any threshold above 0.2
+    maps[4, :, 6:] = 0.0  # right half empty
+    cases = [([(40, 48)], [(40, 48)]),  # the network ran at the image's size
+             ([(37, 45)], [(37, 45)]),  # padded batch: cropped, not resized
+             ([(37, 45)], [(25, 30)]),  # resized down
+             ([(37, 45)], [(74, 81)])]  # resized up
+    for sizes, originals in cases:
+        for n in (6, 0):
+            detections = [{"labels": torch.arange(n), "scores": torch.linspace(1, 0.5, n), "mask_maps": maps[:n].clone()}]
+            got = map_results(detections, sizes, originals, mask_threshold=threshold, mask_stride=4)[0]
+            want = _map_results_plainly(detections, sizes, originals, mask_threshold=threshold, mask_stride=4)[0]
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, (key, sizes, originals)
+                assert torch.equal(got[key], want[key]), (key, sizes, originals, threshold)
+            assert torch.equal(detections[0]["mask_maps"], maps[:n])  # the caller's maps are left as they were

@@ -5,11 +5,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import masks_to_boxes
 
 from istr.export import ExportHead
 from istr.models.base import topk_over_classes
 from istr.models.isda.heads import mask_logits, tight_boxes
+from istr.models.isda.results import masks_to_results
 
 __all__ = ["ISDAExportHead"]
 
@@ -101,20 +101,9 @@ class ISDAExportHead(ExportHead):
         original, boxes of the binarised masks, masks empty at the original size dropped."""
         threshold = metadata.get("mask_threshold")
         results = []
-        for i, (size, (h, w)) in enumerate(zip(sizes, original_sizes)):
+        for i, (size, original) in enumerate(zip(sizes, original_sizes)):
             keep = outputs["valid"][i].bool()
             labels, scores = outputs["labels"][i][keep].long(), outputs["scores"][i][keep].float()
-            up = outputs["masks"][i][keep].float()
-            masks = up.new_zeros((up.shape[0], h, w))
-            if up.shape[0]:
-                masks = F.interpolate(up[:, None, : size[0], : size[1]], size=(h, w), mode="bilinear",
-                                      align_corners=False)[:, 0]
-            binary = masks >= (0.5 if threshold is None else threshold)
-            keep = binary.flatten(1).any(1)
-            masks, binary, labels, scores = masks[keep], binary[keep], labels[keep], scores[keep]
-            boxes = masks_to_boxes(binary).to(masks.dtype) if len(masks) else masks.new_zeros((0, 4))
-            boxes[:, 2:] += 1
-            if threshold is not None:
-                masks = (masks >= threshold).float()
-            results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks[:, None]})
+            up = outputs["masks"][i][keep].float()  # a copy (boolean indexing): masks_to_results may overwrite it
+            results.append(masks_to_results(up[:, : size[0], : size[1]], original, labels, scores, threshold))
         return results
