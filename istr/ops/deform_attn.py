@@ -234,6 +234,43 @@ class _Layout:
         return index.to(index_int).view(-1, 4, *x0.shape[3:]), inside.view(-1, 4, *x0.shape[3:])
 
 
+def _corners(layout: _Layout, few: bool, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+             value_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The bags of sampling_locations [N, Lq, M, L, P, 2] / attention_weights [N, Lq, M, L, P] (any Lq: the forward
+    passes all queries, the no-grad path a slice of them) -> (index [B, 4, L, P] rows of the table, weight [B, 4, L, P]
+    = attention x bilinear weight, frac [2, B, L, P], top_left [B, L, P] or None, inside [B, 4, L, P] or None),
+    B = N * Lq * M. few: the corners index value itself (see the notes above), else the zero-bordered table."""
+    n, lq, m, levels, p, _ = sampling_locations.shape
+    bags, dev = n * lq * m, sampling_locations.device
+    dtype = torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
+    size = torch.tensor([[w for _, w in layout.shapes], [h for h, _ in layout.shapes]], dtype=dtype, device=dev)
+    size = size[:, None, :, None]  # [2 (x, y), 1, L, 1]
+    # planar coordinates [2, B, L, P], computed with grid_sample's arithmetic (align_corners=False) to the
+    # last bit: g = 2 loc - 1, pixel = (g + 1) * size / 2 - 0.5
+    xy = torch.empty(2, bags, levels, p, dtype=dtype, device=dev)
+    torch.mul(sampling_locations.reshape(bags, levels, p, 2).permute(3, 0, 1, 2), 2, out=xy)
+    xy.sub_(1).add_(1).mul_(size / 2).sub_(0.5)
+    xy = torch.minimum(xy.clamp_(min=-layout.border), size, out=xy)  # NaN stays NaN
+    xy0 = xy.floor()
+    frac = xy.sub_(xy0)
+    fx, fy = frac
+    a = attention_weights.reshape(bags, levels, p)
+    ox = 1 - fx
+    ay1 = fy * a
+    ay0 = (1 - fy).mul_(a)
+    weight = torch.empty(bags, 4, levels, p, dtype=value_dtype, device=dev)  # corners (y, x) = 00, 01, 10, 11
+    for corner, (wy, wx) in enumerate(((ay0, ox), (ay0, fx), (ay1, ox), (ay1, fx))):
+        torch.mul(wy, wx, out=weight[:, corner])
+    if few:
+        # few samples (decoder queries): read the value itself, no bordered copy (an O(S) pass); corners
+        # outside the map read a clamped row with weight 0
+        index, inside = layout.unbordered_corners(xy0[0], xy0[1])
+        weight.mul_(inside)
+        return index, weight, frac, None, inside
+    top_left = layout.top_left(xy0[0], xy0[1])
+    return layout.corner_index(top_left), weight, frac, top_left, None
+
+
 class _GatherMSDA(torch.autograd.Function):
     """ms_deform_attn as one embedding_bag (see the notes above); returns [N * Lq * M, D]."""
 
@@ -241,41 +278,12 @@ class _GatherMSDA(torch.autograd.Function):
     def forward(ctx, value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                 shapes: list[tuple[int, int]]) -> torch.Tensor:
         n, _, m, d = value.shape
-        _, lq, _, levels, p, _ = sampling_locations.shape
         layout = _Layout(n, m, shapes)
-        bags, dev = n * lq * m, value.device
-        dtype = torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
-        size = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=dev)
-        size = size[:, None, :, None]  # [2 (x, y), 1, L, 1]
-        # planar coordinates [2, B, L, P], computed with grid_sample's arithmetic (align_corners=False) to the
-        # last bit: g = 2 loc - 1, pixel = (g + 1) * size / 2 - 0.5
-        xy = torch.empty(2, bags, levels, p, dtype=dtype, device=dev)
-        torch.mul(sampling_locations.reshape(bags, levels, p, 2).permute(3, 0, 1, 2), 2, out=xy)
-        xy.sub_(1).add_(1).mul_(size / 2).sub_(0.5)
-        xy = torch.minimum(xy.clamp_(min=-layout.border), size, out=xy)  # NaN stays NaN
-        xy0 = xy.floor()
-        frac = xy.sub_(xy0)
-        fx, fy = frac
-        a = attention_weights.reshape(bags, levels, p)
-        ox = 1 - fx
-        ay1 = fy * a
-        ay0 = (1 - fy).mul_(a)
-        weight = torch.empty(bags, 4, levels, p, dtype=value.dtype, device=dev)  # corners (y, x) = 00, 01, 10, 11
-        for corner, (wy, wx) in enumerate(((ay0, ox), (ay0, fx), (ay1, ox), (ay1, fx))):
-            torch.mul(wy, wx, out=weight[:, corner])
+        few = _few_samples(layout, sampling_locations)
+        table = value.reshape(-1, d) if few else layout.pad(value)
+        index, weight, frac, top_left, inside = _corners(layout, few, sampling_locations, attention_weights, value.dtype)
         ctx.layout, ctx.value_shape = layout, value.shape
         ctx.locations_shape, ctx.locations_dtype = sampling_locations.shape, sampling_locations.dtype
-        if 4 * xy0[0].numel() <= layout.rows:
-            # few samples (decoder queries): read the value itself, no bordered copy (an O(S) pass); corners
-            # outside the map read a clamped row with weight 0
-            table = value.reshape(-1, d)
-            index, inside = layout.unbordered_corners(xy0[0], xy0[1])
-            weight.mul_(inside)
-            top_left = None
-        else:
-            table = layout.pad(value)
-            top_left = layout.top_left(xy0[0], xy0[1])
-            index, inside = layout.corner_index(top_left), None
         ctx.save_for_backward(table, top_left, index, weight, frac, attention_weights, inside)
         return F.embedding_bag(index.flatten(1), table, per_sample_weights=weight.flatten(1), mode="sum")
 
@@ -382,10 +390,36 @@ def _value_grad(grad: torch.Tensor, top_left: torch.Tensor, weight: torch.Tensor
     return grad_value
 
 
+def _few_samples(layout: _Layout, sampling_locations: torch.Tensor) -> bool:
+    """Whether the bags read value itself (fewer corners than table rows: decoder queries) or the bordered table."""
+    n, lq, m, levels, p, _ = sampling_locations.shape
+    return 4 * n * lq * m * levels * p <= layout.rows
+
+
+# Queries per slice of the no-grad path: about 2^16 sample points, so that a slice's intermediates (a few MB) stay in
+# the CPU's caches instead of making ~25 passes over 10-40 MB tensors each (an 800x1216 encoder layer: 2.6 M points).
+_NO_GRAD_POINTS = 2 ** 16
+
+
 def _ms_deform_attn_gather(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor,
                            attention_weights: torch.Tensor) -> torch.Tensor:
-    """MSDA as one embedding_bag over the zero-bordered channels-last value table (see the notes above)."""
+    """MSDA as one embedding_bag over the zero-bordered channels-last value table (see the notes above). Without
+    autograd (inference) the bags are prepared and summed a slice of queries at a time: the same arithmetic per
+    bag, so the same values bit for bit, without the full-size intermediates the backward would need."""
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
-    out = _GatherMSDA.apply(value, sampling_locations, attention_weights, shapes)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
+        return _GatherMSDA.apply(value, sampling_locations, attention_weights, shapes).view(n, lq, m * d)
+    layout = _Layout(n, m, shapes)
+    few = _few_samples(layout, sampling_locations)
+    table = value.reshape(-1, d) if few else layout.pad(value)
+    levels, p = sampling_locations.shape[3:5]
+    step = max(1, _NO_GRAD_POINTS // (n * m * levels * p))
+    out = value.new_empty(n, lq, m, d)
+    for q0 in range(0, lq, step):
+        q1 = min(q0 + step, lq)
+        index, weight, *_ = _corners(layout, few, sampling_locations[:, q0:q1], attention_weights[:, q0:q1],
+                                     value.dtype)
+        out[:, q0:q1] = F.embedding_bag(index.flatten(1), table, per_sample_weights=weight.flatten(1),
+                                        mode="sum").view(n, q1 - q0, m, d)
     return out.view(n, lq, m * d)
