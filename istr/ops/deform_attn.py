@@ -96,7 +96,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_
     (samples at x * W_l - 0.5 in pixel-centre coordinates; outside the map reads zero, as the CUDA kernel does);
     attention_weights: [N, Lq, M, L, P] (softmax-normalised by the caller, not checked);
     impl: "gather" (one embedding_bag over a channels-last table with a custom backward; on CPU an 800x1333
-    encoder layer runs 3x faster forward and 2.6x forward+backward, benchmarks/results/deform_attn_cpu.md),
+    encoder layer runs 3.8x faster forward and 2.7x forward+backward, benchmarks/results/deform_attn_cpu.md),
     "grid_sample" (one F.grid_sample per level; traces and exports), "auto" (gather on CPU, grid_sample on other
     devices, where gather is unmeasured, and whenever torch.compile/export, jit tracing or ONNX export is running),
     or None: the choice of the enclosing `deform_attn_impl(...)` block, "auto" outside one. The two agree to float

@@ -75,6 +75,26 @@ def test_gather_equals_grid_sample(shapes, dtype, n_q):  # bordered table has ro
         torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_q", [4, 50], ids=["few_queries", "many_queries"])
+def test_gather_without_autograd_equals_it_bit_for_bit(n_q, dtype, monkeypatch):
+    """Inference prepares the bags a slice of queries at a time (here a few queries per slice, and a slice that does
+    not divide Lq): the same values, bit for bit, as the autograd forward, far-outside and NaN points included."""
+    import istr.ops.deform_attn as deform_attn
+
+    shapes = SHAPES["odd"]
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, dtype, n_q=n_q))
+    locations[1, 1, 0, 0, 0, 0] = float("nan")
+    with_grad = ms_deform_attn(value.requires_grad_(), shapes, locations, weights, impl="gather")
+    value.requires_grad_(False)
+    for points in (1, 3 * 3 * 3 * 7, 10 ** 6):  # one query per slice, 7 per slice, all at once
+        monkeypatch.setattr(deform_attn, "_NO_GRAD_POINTS", points)
+        with torch.no_grad():
+            got = ms_deform_attn(value, shapes, locations, weights, impl="gather")
+        assert torch.equal(got.isnan(), with_grad.isnan()) and with_grad.isnan().any()
+        assert torch.equal(got.nan_to_num(), with_grad.detach().nan_to_num()), points
+
+
 @pytest.mark.parametrize("impl", ["gather", "grid_sample"])
 @pytest.mark.parametrize("case", ["few_queries", "many_queries"])
 def test_both_equal_the_per_point_loop(impl, case):
