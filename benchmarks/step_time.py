@@ -6,7 +6,8 @@ The step is the demo's configuration before the easy data (istr_tiny, 20 queries
 denoising x2, AdamW, the public Trainer's train_step with data loading) on the hard synthetic set the demo used
 then (1,000 images; generated once). The baseline is the same code path of another commit, extracted with
 `git archive` into a temporary folder and imported from there. Mask R-CNN is benchmarks/train_budget.py's
-R18-FPN on the same data, batch and Trainer. Each measurement runs in its own process, the three alternate
+R18-FPN on the same data, batch and Trainer. The ISDA row (this checkout only) is `isda_tiny` with its demo's model
+settings at the demo's 96 px (the images resized), same data, batch, optimiser and Trainer. Each measurement runs in its own process, the three alternate
 for --rounds rounds, and each reports the median of --iters steps after 3 warm-up steps; the table gives the
 median over rounds and the ratios. Writes benchmarks/results/step_time_cpu.{json,md}.
 """
@@ -55,6 +56,10 @@ codec = istr.create_codec("pca", mask_size=28, dim=60, whiten=True, logit_space=
 codec.fit(coco_mask_grids(data + "/annotations/instances_train.json", 28))
 model = istr.create_model("istr_tiny", num_classes=train_set.num_classes, codec=codec, num_queries=20, min_size=128,
                           max_size=128, train_min_sizes=None, detections_per_image=50, denoising_groups=2)""")
+_ISDA_STEP = _STEP.format(build="""
+from istr.models import preset_info
+model = istr.create_model("isda_tiny", num_classes=train_set.num_classes, min_size=96, max_size=96,
+                          **preset_info("isda_tiny").demo["model"])""")
 _MASK_RCNN_STEP = _STEP.format(build="""
 from train_budget import build_mask_rcnn
 model = build_mask_rcnn(train_set.num_classes, 128)""")
@@ -113,7 +118,8 @@ def main() -> None:
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "istr"], capture_output=True,
                                 text=True).stdout.strip())
     measurements = [("baseline", _ISTR_STEP, baseline), ("current", _ISTR_STEP, REPO),
-                    ("mask_rcnn", _MASK_RCNN_STEP, REPO)] + ([("bf16", _ISTR_STEP, REPO)] if args.bf16 else [])
+                    ("mask_rcnn", _MASK_RCNN_STEP, REPO), ("isda", _ISDA_STEP, REPO)] \
+        + ([("bf16", _ISTR_STEP, REPO)] if args.bf16 else [])
     rows: dict[str, list[float]] = {key: [] for key, _, _ in measurements}
     losses: dict[str, list[float]] = {}
     for r in range(args.rounds):
@@ -133,6 +139,7 @@ def main() -> None:
               "seconds_per_step": rows, "median_seconds_per_step": med,
               "ratio_current_to_baseline": med["current"] / med["baseline"],
               "ratio_current_to_mask_rcnn": med["current"] / med["mask_rcnn"],
+              "ratio_isda_to_mask_rcnn": med["isda"] / med["mask_rcnn"],
               "losses_first_round": {"baseline": losses["baseline"], "current": losses["current"]},
               "steps_with_equal_losses": agree, "max_relative_loss_difference": max_rel, "machine": machine_info()}
     out = Path(args.out)
@@ -143,9 +150,10 @@ def main() -> None:
                       for key, name in (("baseline", f"ISTR at {args.baseline}"),
                                         ("current", f"ISTR at {result['current_commit']}"),
                                         ("mask_rcnn", "Mask R-CNN R18-FPN"),
+                                        ("isda", f"ISDA isda_tiny, demo settings, 96 px, at {result['current_commit']}"),
                                         ("bf16", f"ISTR at {result['current_commit']}, bf16 autocast"))
                       if key in rows)
-    md = f"""# Training step time on CPU: ISTR now vs {args.baseline}, and Mask R-CNN
+    md = f"""# Training step time on CPU: ISTR now vs {args.baseline}, ISDA, and Mask R-CNN
 
 `python benchmarks/step_time.py --baseline {args.baseline} --threads {args.threads} --rounds {args.rounds} --iters {args.iters}{' --bf16' if args.bf16 else ''}`:
 the demo's configuration before the easy data (istr_tiny, 20 queries, 128 px, batch 8, denoising x2, AdamW, the
@@ -156,7 +164,9 @@ steps per process, processes alternating.
 |---|{'---|' * (args.rounds + 1)}
 {table}
 
-**Current / baseline: {result['ratio_current_to_baseline']:.2f}x**; current / Mask R-CNN: {result['ratio_current_to_mask_rcnn']:.2f}x.
+**Current / baseline: {result['ratio_current_to_baseline']:.2f}x**; current / Mask R-CNN: {result['ratio_current_to_mask_rcnn']:.2f}x;
+ISDA (`isda_tiny` with its demo's settings: masks at stride 2 with the image branch, mask feedback and reference,
+the mask-RoI class term, 20 queries, images resized to 96 px) / Mask R-CNN: {result['ratio_isda_to_mask_rcnn']:.2f}x.
 
 Same initialisation and data: the losses of the first {agree} of {len(losses['current'])} steps agree between the
 two commits to {max_rel:.1e} relative (the step computes the same function; later a rounding difference can flip a
