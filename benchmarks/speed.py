@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--istr-boxes", choices=["random", "whole"], default="random")
     parser.add_argument("--no-isda", action="store_true", help="leave ISDA (isda_r50) out")
     parser.add_argument("--isda-masks", choices=["all", "random"], default="all",
-                        help="all: ISDA keeps its 100 detections (mask threshold 0); random: as its random weights give")
+                        help="all: ISDA keeps its 100 detections (mask threshold 0); "
+                             "random: those its random weights give")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here (+ .md beside it)")
     args = parser.parse_args()
 

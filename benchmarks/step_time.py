@@ -7,8 +7,8 @@ denoising x2, AdamW, the public Trainer's train_step with data loading) on the h
 then (1,000 images; generated once). The baseline is the same code path of another commit, extracted with
 `git archive` into a temporary folder and imported from there. Mask R-CNN is benchmarks/train_budget.py's
 R18-FPN on the same data, batch and Trainer. The ISDA row (this checkout only) is `isda_tiny` with its demo's model
-settings at the demo's 96 px (the images resized), same data, batch, optimiser and Trainer. Each measurement runs in its own process, the three alternate
-for --rounds rounds, and each reports the median of --iters steps after 3 warm-up steps; the table gives the
+settings at the demo's 96 px (the images resized), same data, batch, optimiser and Trainer. Each measurement runs in
+its own process, the four alternate for --rounds rounds, and each reports the median of --iters steps after 3 warm-up steps; the table gives the
 median over rounds and the ratios. Writes benchmarks/results/step_time_cpu.{json,md}.
 """
 from __future__ import annotations
@@ -150,7 +150,8 @@ def main() -> None:
                       for key, name in (("baseline", f"ISTR at {args.baseline}"),
                                         ("current", f"ISTR at {result['current_commit']}"),
                                         ("mask_rcnn", "Mask R-CNN R18-FPN"),
-                                        ("isda", f"ISDA isda_tiny, demo settings, 96 px, at {result['current_commit']}"),
+                                        ("isda", f"ISDA isda_tiny, demo settings, 96 px, at "
+                                                 f"{result['current_commit']}"),
                                         ("bf16", f"ISTR at {result['current_commit']}, bf16 autocast"))
                       if key in rows)
     md = f"""# Training step time on CPU: ISTR now vs {args.baseline}, ISDA, and Mask R-CNN

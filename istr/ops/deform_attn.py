@@ -281,7 +281,8 @@ class _GatherMSDA(torch.autograd.Function):
         layout = _Layout(n, m, shapes)
         few = _few_samples(layout, sampling_locations)
         table = value.reshape(-1, d) if few else layout.pad(value)
-        index, weight, frac, top_left, inside = _corners(layout, few, sampling_locations, attention_weights, value.dtype)
+        index, weight, frac, top_left, inside = _corners(layout, few, sampling_locations, attention_weights,
+                                                         value.dtype)
         ctx.layout, ctx.value_shape = layout, value.shape
         ctx.locations_shape, ctx.locations_dtype = sampling_locations.shape, sampling_locations.dtype
         ctx.save_for_backward(table, top_left, index, weight, frac, attention_weights, inside)

@@ -129,7 +129,8 @@ def _map_results_plainly(detections, sizes, original_sizes, mask_threshold, mask
         masks = maps.new_zeros((maps.shape[0], h, w))
         if maps.shape[0]:
             up = F.interpolate(maps[:, None].float(), scale_factor=mask_stride, mode="bilinear", align_corners=False)
-            masks = F.interpolate(up[:, :, : size[0], : size[1]], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            masks = F.interpolate(up[:, :, : size[0], : size[1]], size=(h, w), mode="bilinear",
+                                  align_corners=False)[:, 0]
         binary = masks >= (0.5 if mask_threshold is None else mask_threshold)
         keep = binary.flatten(1).any(1)
         masks, binary, labels, scores = masks[keep], binary[keep], labels[keep], scores[keep]
@@ -154,7 +155,8 @@ def test_isda_map_results_equal_the_plain_chain_bit_for_bit(threshold):
              ([(37, 45)], [(74, 81)])]  # resized up
     for sizes, originals in cases:
         for n in (6, 0):
-            detections = [{"labels": torch.arange(n), "scores": torch.linspace(1, 0.5, n), "mask_maps": maps[:n].clone()}]
+            detections = [{"labels": torch.arange(n), "scores": torch.linspace(1, 0.5, n),
+                           "mask_maps": maps[:n].clone()}]
             got = map_results(detections, sizes, originals, mask_threshold=threshold, mask_stride=4)[0]
             want = _map_results_plainly(detections, sizes, originals, mask_threshold=threshold, mask_stride=4)[0]
             assert got.keys() == want.keys()
