@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from istr.ops.tracing import is_exporting
 
-__all__ = ["IMPLS", "deform_attn_impl", "ms_deform_attn", "spatial_shapes_list"]
+__all__ = ["IMPLS", "GatherSlices", "deform_attn_impl", "ms_deform_attn", "resolve_impl", "spatial_shapes_list"]
 
 SpatialShapes = Union[Sequence[Sequence[int]], torch.Tensor]
 
@@ -103,11 +103,9 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_
     rounding, values and gradients.
     Returns [N, Lq, M * D] (heads concatenated). Differentiable w.r.t. all three tensors.
     """
-    impl = _check_impl(_default_impl if impl is None else impl)
+    impl = resolve_impl(value.device, impl)
     shapes = spatial_shapes_list(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
-    if impl == "auto":
-        impl = "gather" if value.device.type == "cpu" and not is_exporting() else "grid_sample"
     if impl == "gather":
         return _ms_deform_attn_gather(value, shapes, sampling_locations, attention_weights)
     return _ms_deform_attn_grid_sample(value, shapes, sampling_locations, attention_weights)
@@ -166,6 +164,7 @@ class _Layout:
             total, padded_total = total + h * w, padded_total + hp * wp
         self.padded_pixels = padded_total  # per (head, image)
         self.rows = m * n * padded_total
+        self._cache: dict = {}
 
     def levels(self, table: torch.Tensor):
         """Per level: (H, W), the level's first row in value, and its [M, N, H+4, W+4, D] view of the table."""
@@ -186,28 +185,49 @@ class _Layout:
                 edge.zero_()
         return table
 
+    def _tables(self, levels: int, p: int, device: torch.device) -> dict:
+        """The small operands of the bordered path's arithmetic, made once per layout (the no-grad path reuses them
+        for every slice of queries). They are written out over (L, P), so that each op's inner loop runs over L * P
+        contiguous values of both operands (a stride-0 P axis makes an inner loop of P elements: 3x slower; same
+        values): the map sizes (W_l, H_l) [2, 1, L, P] (float32 and float64), the top-left rows' base
+        [N, 1, M, L, P] and the padded widths [L, P] (in `exact`, a float type that holds the table's row numbers
+        exactly), and the four corners' row offsets [4, L, P] (in `index`, the rows' integer type)."""
+        key = (levels, p, device)
+        if key not in self._cache:
+            exact = torch.float32 if self.rows < 2 ** 24 else torch.float64
+            index = torch.int32 if self.rows < 2 ** 31 else torch.int64
+            size = torch.tensor([[w for _, w in self.shapes], [h for h, _ in self.shapes]], dtype=torch.float64,
+                                device=device)[:, None, :, None].expand(2, 1, levels, p).contiguous()
+            widths = torch.tensor([wp for _, wp in self.padded], dtype=exact, device=device)
+            starts = torch.tensor(self.padded_starts, dtype=exact, device=device) + (widths + 1) * self.border
+            maps = (torch.arange(self.m, dtype=exact, device=device)[None, :] * self.n
+                    + torch.arange(self.n, dtype=exact, device=device)[:, None]) * self.padded_pixels  # [N, M]
+            offsets = torch.tensor([[0, 1, wp, wp + 1] for _, wp in self.padded], dtype=index, device=device)
+            self._cache[key] = {
+                torch.float64: size, torch.float32: size.float(),
+                "base": (maps[:, :, None] + starts)[:, None, :, :, None].expand(self.n, 1, self.m, levels, p).contiguous(),
+                "widths": widths[:, None].expand(levels, p).contiguous(),
+                "corners": offsets.t()[:, :, None].expand(4, levels, p).contiguous(),
+                "exact": exact, "index": index}
+        return self._cache[key]
+
     def top_left(self, x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """x0, y0 [N * Lq * M, L, P]: the integer (floored) pixel coordinates, in [-2, W_l] and [-2, H_l] -> the
         top-left corners' rows [N * Lq * M, L, P] (int32, or int64 for a table of 2^31 rows or more)."""
-        dev = x0.device
-        exact = torch.float32 if self.rows < 2 ** 24 else torch.float64  # integers computed exactly in floats
-        widths = torch.tensor([wp for _, wp in self.padded], dtype=exact, device=dev)
-        starts = torch.tensor(self.padded_starts, dtype=exact, device=dev) + (widths + 1) * self.border
-        maps = (torch.arange(self.m, dtype=exact, device=dev)[None, :] * self.n
-                + torch.arange(self.n, dtype=exact, device=dev)[:, None]) * self.padded_pixels  # [N, M]
-        base = (maps[:, :, None] + starts).view(self.n, 1, self.m, -1, 1)  # [N, 1, M, L, 1]: (head, image, level)
-        shape = (self.n, -1, self.m, *x0.shape[1:])
-        rows = torch.add(base, x0.view(shape).to(exact)).addcmul_(y0.view(shape).to(exact), widths[:, None])
+        levels, p = x0.shape[1:]
+        tables = self._tables(levels, p, x0.device)
+        exact = tables["exact"]  # integers computed exactly in floats
+        shape = (self.n, -1, self.m, levels, p)
+        rows = torch.add(tables["base"], x0.view(shape).to(exact)).addcmul_(y0.view(shape).to(exact), tables["widths"])
         rows.nan_to_num_(0.0)  # a NaN location reads row 0, with a NaN weight
-        return rows.to(torch.int32 if self.rows < 2 ** 31 else torch.int64).view(x0.shape)
+        return rows.to(tables["index"]).view(x0.shape)
 
     def corner_index(self, top_left: torch.Tensor) -> torch.Tensor:
         """top_left [B, L, P] -> [B, 4, L, P] rows of the corners (y, x), (y, x+1), (y+1, x), (y+1, x+1) (the
         weights' layout: corner-major within each bag)."""
-        offsets = torch.tensor([[0, 1, wp, wp + 1] for _, wp in self.padded], dtype=top_left.dtype,
-                               device=top_left.device)
+        offsets = self._tables(*top_left.shape[1:], top_left.device)["corners"]
         index = torch.empty(top_left.shape[0], 4, *top_left.shape[1:], dtype=top_left.dtype, device=top_left.device)
-        return torch.add(top_left[:, None], offsets.t()[None, :, :, None], out=index)
+        return torch.add(top_left[:, None], offsets, out=index)
 
     def unbordered_corners(self, x0: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0, y0 [B, L, P] floored pixel coordinates -> the four corners' rows of value [N, S, M, D] viewed as
@@ -243,8 +263,8 @@ def _corners(layout: _Layout, few: bool, sampling_locations: torch.Tensor, atten
     n, lq, m, levels, p, _ = sampling_locations.shape
     bags, dev = n * lq * m, sampling_locations.device
     dtype = torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
-    size = torch.tensor([[w for _, w in layout.shapes], [h for h, _ in layout.shapes]], dtype=dtype, device=dev)
-    size = size[:, None, :, None]  # [2 (x, y), 1, L, 1]
+    tables = layout._tables(levels, p, dev)
+    size = tables[dtype] if dtype in tables else tables[torch.float64].to(dtype)  # [2 (x, y), 1, L, P]
     # planar coordinates [2, B, L, P], computed with grid_sample's arithmetic (align_corners=False) to the
     # last bit: g = 2 loc - 1, pixel = (g + 1) * size / 2 - 0.5
     xy = torch.empty(2, bags, levels, p, dtype=dtype, device=dev)
@@ -402,25 +422,58 @@ def _few_samples(layout: _Layout, sampling_locations: torch.Tensor) -> bool:
 _NO_GRAD_POINTS = 2 ** 16
 
 
+def resolve_impl(device: torch.device, impl: Optional[str] = None) -> str:
+    """The formulation ms_deform_attn(..., impl=impl) runs on `device`: "gather" or "grid_sample" (None: the
+    enclosing deform_attn_impl block's choice; "auto": gather on CPU unless compiling, exporting or tracing)."""
+    impl = _check_impl(_default_impl if impl is None else impl)
+    if impl == "auto":
+        return "gather" if torch.device(device).type == "cpu" and not is_exporting() else "grid_sample"
+    return impl
+
+
+class GatherSlices:
+    """ms_deform_attn's gather formulation without autograd, for many slices of queries over one value map.
+
+    The value's zero-bordered table is built once; each call prepares and sums the bags of one slice of queries.
+    For inference that processes its queries a slice at a time (an encoder layer: attention, norms and FFN of a slice
+    of tokens while they are in cache): `gather = GatherSlices(value, shapes)`, then `gather(locations[:, a:b],
+    weights[:, a:b])` equals `ms_deform_attn(value, shapes, locations, weights, impl="gather")[:, a:b]` bit for bit.
+    value [N, S, M, D]; few: read value itself instead of the bordered table (see the notes above; the choice
+    _ms_deform_attn_gather makes when there are fewer corners than table rows). Returns [N, Lq, M * D].
+    """
+
+    def __init__(self, value: torch.Tensor, spatial_shapes: SpatialShapes, few: bool = False) -> None:
+        n, _, m, d = value.shape
+        self.shapes = spatial_shapes_list(spatial_shapes)
+        self.layout, self.few, self.dtype = _Layout(n, m, self.shapes), few, value.dtype
+        with torch.no_grad():
+            self.table = value.reshape(-1, d) if few else self.layout.pad(value)
+
+    def __call__(self, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, m, d = self.layout.n, self.layout.m, self.table.shape[1]
+        lq, levels, p = sampling_locations.shape[1], *sampling_locations.shape[3:5]
+        if out is None:
+            out = self.table.new_empty(n, lq, m * d)
+        step = max(1, _NO_GRAD_POINTS // (n * m * levels * p))
+        with torch.no_grad():
+            for q0 in range(0, lq, step):
+                q1 = min(q0 + step, lq)
+                index, weight, *_ = _corners(self.layout, self.few, sampling_locations[:, q0:q1],
+                                             attention_weights[:, q0:q1], self.dtype)
+                out[:, q0:q1] = F.embedding_bag(index.flatten(1), self.table, per_sample_weights=weight.flatten(1),
+                                                mode="sum").view(n, q1 - q0, m * d)
+        return out
+
+
 def _ms_deform_attn_gather(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor,
                            attention_weights: torch.Tensor) -> torch.Tensor:
     """MSDA as one embedding_bag over the zero-bordered channels-last value table (see the notes above). Without
-    autograd (inference) the bags are prepared and summed a slice of queries at a time: the same arithmetic per
-    bag, so the same values bit for bit, without the full-size intermediates the backward would need."""
+    autograd (inference) the bags are prepared and summed a slice of queries at a time (GatherSlices): the same
+    arithmetic per bag, so the same values bit for bit, without the full-size intermediates the backward would need."""
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
         return _GatherMSDA.apply(value, sampling_locations, attention_weights, shapes).view(n, lq, m * d)
-    layout = _Layout(n, m, shapes)
-    few = _few_samples(layout, sampling_locations)
-    table = value.reshape(-1, d) if few else layout.pad(value)
-    levels, p = sampling_locations.shape[3:5]
-    step = max(1, _NO_GRAD_POINTS // (n * m * levels * p))
-    out = value.new_empty(n, lq, m, d)
-    for q0 in range(0, lq, step):
-        q1 = min(q0 + step, lq)
-        index, weight, *_ = _corners(layout, few, sampling_locations[:, q0:q1], attention_weights[:, q0:q1],
-                                     value.dtype)
-        out[:, q0:q1] = F.embedding_bag(index.flatten(1), table, per_sample_weights=weight.flatten(1),
-                                        mode="sum").view(n, q1 - q0, m, d)
-    return out.view(n, lq, m * d)
+    few = _few_samples(_Layout(n, m, shapes), sampling_locations)
+    return GatherSlices(value, shapes, few)(sampling_locations, attention_weights)

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from istr.models.isda.deformable import (DeformableTransformer, MultiScaleDeformableAttention, encoder_reference_points,
-                                    level_masks, sine_position_encoding, valid_ratios)
+from istr.models.isda import deformable
+from istr.models.isda.deformable import (DeformableEncoderLayer, DeformableTransformer, MultiScaleDeformableAttention,
+                                         encoder_reference_points, level_masks, sine_position_encoding, valid_ratios)
 from istr.models.isda.heads import KernelHead, MaskFeatureHead, coordinate_channels, mask_logits
 from istr.ops.deform_attn import ms_deform_attn
 
@@ -221,6 +222,38 @@ def test_transformer_invariant_to_padding_when_masks_are_given():
     valid = ~torch.cat([m[0].flatten() for m in masks])
     torch.testing.assert_close(memory[0, valid], memory_alone[0], rtol=0, atol=1e-10)
     assert (hs_unmasked[:, 0] - hs_alone[:, 0]).abs().max() > 1e-3  # without masks the padding leaks in
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_encoder_layer_inference_in_slices_equals_the_whole_layer(dtype, monkeypatch):
+    """At inference (eval, no autograd, the gather formulation) an encoder layer runs a slice of tokens at a time;
+    it equals the whole-layer path (taken with autograd on) on two padded images, sample points leaving the map,
+    with a slice size that does not divide the tokens. Equal bit for bit on the Intel Xeon it was written on; the
+    tolerance allows a BLAS whose per-row rounding depends on the number of rows."""
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(hidden_dim=32, num_levels=3, num_heads=4, num_points=2, ffn_dim=64).to(dtype)
+    with torch.no_grad():
+        layer.self_attn.sampling_offsets.weight.normal_(0, 0.5)  # samples spread, some outside the map
+        layer.self_attn.attention_weights.weight.normal_(0, 0.5)
+    layer.eval()
+    shapes = [(12, 8), (6, 4), (3, 2)]
+    masks = level_masks([(64, 40), (96, 64)], (96, 64), shapes)
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    ref = encoder_reference_points(shapes, valid_ratios(masks, dtype))
+    src, pos = torch.randn(2, 126, 32, dtype=dtype), torch.randn(2, 126, 32, dtype=dtype)
+    whole = layer(src.clone().requires_grad_(), pos, ref, shapes, padding).detach()
+    calls = []
+    slices = deformable.DeformableEncoderLayer._forward_slices
+    monkeypatch.setattr(deformable.DeformableEncoderLayer, "_forward_slices",
+                        lambda self, *args: calls.append(1) or slices(self, *args))
+    monkeypatch.setattr(deformable, "_ENCODER_SLICE", 7)
+    with torch.no_grad():
+        sliced = layer(src, pos, ref, shapes, padding)
+        layer.train()
+        layer(src, pos, ref, shapes, padding)  # training mode (dropout): the whole layer, even without autograd
+    assert len(calls) == 1
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(sliced, whole, **tol)
 
 
 # ---------------------------------------------------------------------------------------------- ISDA heads

@@ -142,9 +142,13 @@ def _map_results_plainly(detections, sizes, original_sizes, mask_threshold, mask
     return results
 
 
+@pytest.mark.parametrize("chunk_pixels", [2 ** 22, 3000])  # all masks in one chunk; 1-2 masks per chunk
 @pytest.mark.parametrize("threshold", [0.5, 0.3, None])
-def test_isda_map_results_equal_the_plain_chain_bit_for_bit(threshold):
+def test_isda_map_results_equal_the_plain_chain_bit_for_bit(threshold, chunk_pixels, monkeypatch):
     """Same size (the resize skipped), padding cropped, resized down and up, empty maps, no detection at all."""
+    from istr.models.isda import results
+
+    monkeypatch.setattr(results, "_CHUNK_PIXELS", chunk_pixels)
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(6, 10, 12, generator=g) ** 3  # [0, 1], most of it below 0.5
     maps[1] = 0.2  # empty at any threshold above 0.2
