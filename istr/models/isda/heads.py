@@ -112,7 +112,12 @@ class MaskFeatureHead(nn.Module):
                 x = conv(x)
                 if level > 0:  # upsample to the next finer level: P_l -> P_{l-1} ... -> P2
                     x = F.interpolate(x, size=sizes[level - 1 - stage], mode="bilinear", align_corners=False)
-            fused = x if fused is None else fused + x
+            if fused is None:
+                fused = x
+            elif torch.is_grad_enabled():
+                fused = fused + x
+            else:  # inference: summed in place (the first branch's output, this head's own), no 30-60 MB copy
+                fused.add_(x)
         if self.mask_stride != 4:
             size = sizes[1] if self.mask_stride == 8 else (2 * sizes[0][0], 2 * sizes[0][1])
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)

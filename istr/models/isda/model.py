@@ -204,9 +204,10 @@ class ISDA(DetectionModel):
         scores, labels, query = topk_over_classes(logits, self.detections_per_image)
         b = scores.shape[0]
         kept = torch.gather(kernels, 1, query[..., None].expand(-1, -1, kernels.shape[-1]))  # [B, top, K]
-        probs = mask_logits(kept, mfr).sigmoid()  # [B, top, h, w]
+        probs = mask_logits(kept, mfr).sigmoid_()  # [B, top, h, w]; in place: the same values, one copy fewer
         binary = (probs >= self.mask_threshold).to(probs.dtype)
-        maskness = (probs * binary).flatten(2).sum(-1) / binary.flatten(2).sum(-1).clamp(min=1.0)
+        area = binary.flatten(2).sum(-1).clamp(min=1.0)
+        maskness = binary.mul_(probs).flatten(2).sum(-1) / area  # probs * binary, in place
         scores = scores * maskness
         detections = []
         for i in range(b):
