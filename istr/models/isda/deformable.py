@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from istr.ops.deform_attn import GatherSlices, SpatialShapes, ms_deform_attn, resolve_impl, spatial_shapes_list
+from istr.ops.tracing import is_exporting
 
 __all__ = ["DeformableDecoderLayer", "DeformableEncoderLayer", "DeformableTransformer",
            "MultiScaleDeformableAttention", "encoder_reference_points", "level_masks", "sine_position_encoding",
@@ -364,6 +365,9 @@ class DeformableTransformer(nn.Module):
             poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level])
             flat_masks.append(mask.flatten(1))
         padding_mask = torch.cat(flat_masks, 1) if masks is not None else None
+        if padding_mask is not None and padding_mask.device.type == "cpu" and not is_exporting() \
+                and not bool(padding_mask.any()):
+            padding_mask = None  # no padding (one image, or images of one size): the 12 layers skip zeroing nothing
         return torch.cat(srcs, 1), torch.cat(poss, 1), padding_mask, shapes
 
     def forward(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None,
