@@ -95,6 +95,24 @@ def test_gather_without_autograd_equals_it_bit_for_bit(n_q, dtype, monkeypatch):
         assert torch.equal(got.nan_to_num(), with_grad.detach().nan_to_num()), points
 
 
+def test_gather_slices_equal_the_whole_op_slice_by_slice():
+    """GatherSlices (the value's table built once, queries gathered a slice at a time, as an encoder layer does at
+    inference): each slice, written into a caller's buffer, equals that slice of ms_deform_attn bit for bit."""
+    from istr.ops.deform_attn import GatherSlices
+
+    shapes = SHAPES["odd"]
+    value, locations, weights = (t.detach() for t in make_inputs(shapes, torch.float32, n_q=50))
+    whole = ms_deform_attn(value, shapes, locations, weights, impl="gather")
+    gather = GatherSlices(value, shapes)
+    out = torch.full_like(whole, float("nan"))
+    for a in range(0, 50, 17):
+        got = gather(locations[:, a:a + 17], weights[:, a:a + 17], out=out[:, a:a + 17])
+        assert got.data_ptr() == out[:, a:a + 17].data_ptr()
+    assert torch.equal(out, whole)
+    with torch.enable_grad():  # built from a tensor that requires grad: still no graph
+        assert not GatherSlices(value.clone().requires_grad_(), shapes)(locations, weights).requires_grad
+
+
 @pytest.mark.parametrize("impl", ["gather", "grid_sample"])
 @pytest.mark.parametrize("case", ["few_queries", "many_queries"])
 def test_both_equal_the_per_point_loop(impl, case):
