@@ -444,8 +444,7 @@ class GatherSlices:
 
     def __init__(self, value: torch.Tensor, spatial_shapes: SpatialShapes, few: bool = False) -> None:
         n, _, m, d = value.shape
-        self.shapes = spatial_shapes_list(spatial_shapes)
-        self.layout, self.few, self.dtype = _Layout(n, m, self.shapes), few, value.dtype
+        self.layout, self.few, self.dtype = _Layout(n, m, spatial_shapes_list(spatial_shapes)), few, value.dtype
         with torch.no_grad():
             self.table = value.reshape(-1, d) if few else self.layout.pad(value)
 

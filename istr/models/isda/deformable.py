@@ -69,14 +69,14 @@ class MultiScaleDeformableAttention(nn.Module):
         # inner loop of 32-256 values instead of 2 (3-5x faster; the same values): (W_l, H_l) over (M, L, P, 2), the
         # reference points over (L, P, 2) (without autograd only: their gradient would then be summed in another order)
         normalizer = normalizer[:, None].expand(m, lv, p, 2).reshape(-1)
-        if not torch.is_grad_enabled():  # inference: in place (the linear's own output), no temporaries
-            ref = reference_points[:, :, None, :, None, :].expand(n, lq, 1, lv, p, 2).reshape(n, lq, 1, lv * p * 2)
-            locations = offsets.div_(normalizer).view(n, lq, m, lv * p * 2).add_(ref).view(n, lq, m, lv, p, 2)
-        elif reference_points.requires_grad:
-            locations = reference_points[:, :, None, :, None, :] + (offsets / normalizer).view(n, lq, m, lv, p, 2)
+        grad = torch.is_grad_enabled()
+        offsets = offsets / normalizer if grad else offsets.div_(normalizer)  # inference: in place, the linear's own
+        if grad and reference_points.requires_grad:
+            locations = reference_points[:, :, None, :, None, :] + offsets.view(n, lq, m, lv, p, 2)
         else:
             ref = reference_points[:, :, None, :, None, :].expand(n, lq, 1, lv, p, 2).reshape(n, lq, 1, lv * p * 2)
-            locations = ((offsets / normalizer).view(n, lq, m, lv * p * 2) + ref).view(n, lq, m, lv, p, 2)
+            offsets = offsets.view(n, lq, m, lv * p * 2)
+            locations = (offsets + ref if grad else offsets.add_(ref)).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         return locations, weights
 
@@ -253,7 +253,7 @@ class DeformableEncoderLayer(nn.Module):
         """forward() for inference, _ENCODER_SLICE tokens at a time after the values are projected: every step but
         the value projection is per token, and a slice's intermediates (a few MB) stay in the CPU's caches where the
         whole layer's (20-80 MB each at 800x1216) would make a pass through memory per op. On one CPU thread an
-        800x1216 layer goes 0.37 -> 0.27 s (benchmarks/results/deform_attn_cpu.md). Row-wise ops (matrix products,
+        800x1216 layer goes 0.37 -> 0.26 s (benchmarks/README.md). Row-wise ops (matrix products,
         norms) on a slice of rows: the same values as the whole layer's (tests/models/test_deformable.py)."""
         attn = self.self_attn
         shapes = spatial_shapes_list(spatial_shapes)

@@ -31,12 +31,10 @@ def map_results(detections: list[dict[str, torch.Tensor]], sizes: list[tuple[int
 
 def _bilinear(x: torch.Tensor, size: tuple[int, int], scale: float | None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """F.interpolate(x [N, 1, h, w], size or scale_factor=scale, bilinear, align_corners=False), optionally written
-    into out [N, 1, *size] (the same op, so the same values: scale given, the kernel uses 1 / scale as
-    F.interpolate(scale_factor=scale) does; else the ratio of the sizes)."""
+    """F.interpolate(x [N, 1, h, w], scale_factor=scale, bilinear, align_corners=False), or, given out [N, 1, *size],
+    the same op written into it (scale given, the kernel uses 1 / scale as F.interpolate(scale_factor=scale) does;
+    None: the ratio of the sizes, as F.interpolate(size=size))."""
     if out is None:
-        if scale is None:
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
     return torch.ops.aten.upsample_bilinear2d.out(x, list(size), False, scale, scale, out=out)
 
