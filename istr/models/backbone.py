@@ -15,11 +15,12 @@ from typing import Any, Callable, Sequence
 import timm
 import torch
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 from istr.registry import Registry
 
-__all__ = ["BACKBONES", "NECKS", "Backbone", "ChannelMapper", "FPN", "build_backbone", "freeze_batch_norm",
+__all__ = ["BACKBONES", "NECKS", "Backbone", "FrozenBatchNorm2d", "ChannelMapper", "FPN", "build_backbone", "freeze_batch_norm",
            "register_backbone", "register_neck"]
 
 BACKBONES = Registry("backbone", name_attr="backbone_type")
@@ -90,10 +91,27 @@ class ChannelMapper(nn.Module):
         return outs
 
 
+class FrozenBatchNorm2d(_TorchvisionFrozenBN):
+    """torchvision.ops.FrozenBatchNorm2d (same buffers, state dict and arithmetic) with its output written once:
+    x * scale, then the bias added in place into that product, where torchvision adds it into a second new tensor.
+    The same values bit for bit, forward and backward (tests/models/test_backbones.py). On a CPU a new
+    activation-sized tensor costs page faults as well as a pass over memory: ResNet-50 at 800x1216 makes ~1 GB
+    fewer of them (benchmarks/README.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return (x * scale).add_(bias)  # the product is this op's own: x * scale + bias, one tensor fewer
+
+
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in `module` by a frozen copy (statistics and affine fixed); returns the module.
 
-    Plain BatchNorm2d becomes torchvision.ops.FrozenBatchNorm2d. timm's BatchNormAct2d (a BatchNorm2d that
+    Plain BatchNorm2d becomes FrozenBatchNorm2d (torchvision's, writing its output once). timm's BatchNormAct2d (a BatchNorm2d that
     also applies its activation, used by EfficientNet) becomes timm's FrozenBatchNormAct2d, because a plain
     frozen BN would silently drop the activation.
     """

@@ -55,6 +55,30 @@ def test_frozen_bn_matches_eval_bn_and_has_no_trainable_stats():
     assert isinstance(bb.body.bn1, FrozenBatchNorm2d) and not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
 
 
+def test_frozen_bn_equals_torchvisions_bit_for_bit_forward_and_backward():
+    """istr's FrozenBatchNorm2d writes its output once (the bias added in place): torchvision's values and gradients
+    exactly, its state dict and its class (a subclass)."""
+    from istr.models.backbone import FrozenBatchNorm2d as IstrFrozenBN
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = IstrFrozenBN(16), FrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        value = torch.rand(16, generator=g) + 0.5 if name == "running_var" else torch.randn(16, generator=g)
+        getattr(ours, name).copy_(value)
+        getattr(theirs, name).copy_(value)
+    assert isinstance(ours, FrozenBatchNorm2d) and ours.state_dict().keys() == theirs.state_dict().keys()
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 16, 37, 41, generator=g, dtype=dtype)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = ours.to(dtype)(a), theirs.to(dtype)(b)
+        assert torch.equal(out_a, out_b)
+        grad = torch.randn(out_a.shape, generator=g, dtype=dtype)
+        out_a.backward(grad)
+        out_b.backward(grad)
+        assert torch.equal(a.grad, b.grad)
+        assert torch.equal(x, a.detach())  # the input is not touched
+
+
 def test_freeze_at():
     bb = Backbone("resnet18", out_channels=8, freeze_at=2)
     frozen = {n.split(".")[0] for n, p in bb.body.named_parameters() if not p.requires_grad}
