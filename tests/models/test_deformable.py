@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from istr.models.isda import deformable
-from istr.models.isda.deformable import (DeformableEncoderLayer, DeformableTransformer, MultiScaleDeformableAttention,
-                                         encoder_reference_points, level_masks, sine_position_encoding, valid_ratios)
+from istr.models.isda.deformable import (DeformableDecoderLayer, DeformableEncoderLayer, DeformableTransformer,
+                                         MultiScaleDeformableAttention, encoder_reference_points, level_masks,
+                                         sine_position_encoding, valid_ratios)
 from istr.models.isda.heads import KernelHead, MaskFeatureHead, coordinate_channels, mask_logits
 from istr.ops.deform_attn import ms_deform_attn
 
@@ -254,6 +255,31 @@ def test_encoder_layer_inference_in_slices_equals_the_whole_layer(dtype, monkeyp
     assert len(calls) == 1
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     torch.testing.assert_close(sliced, whole, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoder_layer_inference_projects_after_sampling_with_the_same_values(dtype, monkeypatch):
+    """At inference (no autograd, the gather formulation) a decoder layer's cross-attention sums its samples before
+    the value projection (ms_deform_attn_projected); it equals the autograd path, padded images included."""
+    torch.manual_seed(0)
+    layer = DeformableDecoderLayer(hidden_dim=32, num_levels=3, num_heads=4, num_points=2, ffn_dim=64).to(dtype).eval()
+    with torch.no_grad():
+        layer.cross_attn.sampling_offsets.weight.normal_(0, 0.5)
+        layer.cross_attn.value_proj.bias.normal_()
+    shapes = [(12, 8), (6, 4), (3, 2)]
+    masks = level_masks([(64, 40), (96, 64)], (96, 64), shapes)
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    tgt, pos = torch.randn(2, 5, 32, dtype=dtype), torch.randn(2, 5, 32, dtype=dtype)
+    memory, ref = torch.randn(2, 126, 32, dtype=dtype), torch.rand(2, 5, 3, 2, dtype=dtype)
+    whole = layer(tgt.clone().requires_grad_(), pos, ref, memory, shapes, padding).detach()
+    calls = []
+    projected = deformable.ms_deform_attn_projected
+    monkeypatch.setattr(deformable, "ms_deform_attn_projected", lambda *a: calls.append(1) or projected(*a))
+    with torch.no_grad():
+        got = layer(tgt, pos, ref, memory, shapes, padding)
+    assert calls == [1]
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(got, whole, **tol)
 
 
 # ---------------------------------------------------------------------------------------------- ISDA heads

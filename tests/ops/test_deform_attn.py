@@ -113,6 +113,43 @@ def test_gather_slices_equal_the_whole_op_slice_by_slice():
         assert not GatherSlices(value.clone().requires_grad_(), shapes)(locations, weights).requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_projecting_after_sampling_equals_projecting_first(dtype, padded):
+    """ms_deform_attn_projected (a decoder's inference: the samples of the unprojected tokens summed per bag, then
+    projected per head, the bias scaled by the bag's total weight) equals grid_sample over the projected values with
+    the padded tokens zeroed, to float rounding; sample points outside the map included."""
+    from istr.ops.deform_attn import ms_deform_attn_projected
+
+    shapes, heads, dim, channels = SHAPES["odd"], 3, 5, 7
+    _, locations, weights = (t.detach() for t in make_inputs(shapes, dtype, n_q=6, n_heads=heads, dim=dim))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(2, sum(h * w for h, w in shapes), channels, generator=g, dtype=dtype)
+    proj = torch.nn.Linear(channels, heads * dim).to(dtype)
+    padding = torch.rand(tokens.shape[:2], generator=g) < 0.3 if padded else None
+    with torch.no_grad():
+        proj.bias.normal_(generator=g)
+        value = proj(tokens)
+        if padded:
+            value = value.masked_fill(padding[..., None], 0.0)
+        want = ms_deform_attn(value.view(2, -1, heads, dim), shapes, locations, weights, impl="grid_sample")
+        got = ms_deform_attn_projected(tokens, shapes, locations, weights, proj.weight, proj.bias, padding)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    with pytest.raises(ValueError, match=r"weight: expected M \* D rows"):
+        ms_deform_attn_projected(tokens, shapes, locations, weights, proj.weight[:-1], None)
+    with pytest.raises(ValueError, match="padding_mask: expected bool"):
+        ms_deform_attn_projected(tokens, shapes, locations, weights, proj.weight, None,
+                                 torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_projecting_later_pays_for_a_decoder_not_an_encoder():
+    from istr.ops.deform_attn import projecting_later_is_cheaper
+
+    tokens = 100 * 152 + 50 * 76 + 25 * 38 + 13 * 19  # isda_r50's P3..P6 at 800x1216
+    assert projecting_later_is_cheaper(tokens, 300, heads=8, levels=4, points=4, head_dim=32)  # its decoder
+    assert not projecting_later_is_cheaper(tokens, tokens, heads=8, levels=4, points=4, head_dim=32)  # its encoder
+
+
 @pytest.mark.parametrize("impl", ["gather", "grid_sample"])
 @pytest.mark.parametrize("case", ["few_queries", "many_queries"])
 def test_both_equal_the_per_point_loop(impl, case):

@@ -8,7 +8,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from istr.ops.deform_attn import GatherSlices, SpatialShapes, ms_deform_attn, resolve_impl, spatial_shapes_list
+from istr.ops.deform_attn import (GatherSlices, SpatialShapes, ms_deform_attn, ms_deform_attn_projected,
+                                  projecting_later_is_cheaper, resolve_impl, spatial_shapes_list)
 from istr.ops.tracing import is_exporting
 
 __all__ = ["DeformableDecoderLayer", "DeformableEncoderLayer", "DeformableTransformer",
@@ -103,9 +104,22 @@ class MultiScaleDeformableAttention(nn.Module):
                      else list(level_start_index))
             if given != starts:
                 raise ValueError(f"level_start_index: expected {starts} for spatial_shapes {shapes}, got {given}")
-        value = self.project_value(value_input, padding_mask)
         locations, weights = self.sample_points(query, reference_points, shapes)
+        if self._project_later(query, s):
+            proj = self.value_proj
+            return self.output_proj(ms_deform_attn_projected(value_input, shapes, locations, weights, proj.weight,
+                                                             proj.bias, padding_mask))
+        value = self.project_value(value_input, padding_mask)
         return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
+
+    def _project_later(self, query: torch.Tensor, tokens: int) -> bool:
+        """Inference on the gather formulation with few queries (a decoder's cross-attention): the samples are summed
+        before the value projection (ms_deform_attn_projected; the same values to float rounding) instead of projecting
+        every token of the map. An 800x1216 isda_r50's six decoder layers: 268 -> 97 ms on one CPU thread, 161 -> 74
+        ms on two (AMD EPYC, benchmarks/README.md)."""
+        m, head_dim = self.num_heads, self.hidden_dim // self.num_heads
+        return (not torch.is_grad_enabled() and resolve_impl(query.device) == "gather"
+                and projecting_later_is_cheaper(tokens, query.shape[1], m, self.num_levels, self.num_points, head_dim))
 
     def project_value(self, value_input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """value_input [N, S, C] -> the values [N, S, M, C / M] the heads sample, padding (True in padding_mask
