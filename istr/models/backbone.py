@@ -20,8 +20,8 @@ from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 from istr.registry import Registry
 
-__all__ = ["BACKBONES", "NECKS", "Backbone", "FrozenBatchNorm2d", "ChannelMapper", "FPN", "build_backbone", "freeze_batch_norm",
-           "register_backbone", "register_neck"]
+__all__ = ["BACKBONES", "NECKS", "Backbone", "ChannelMapper", "FPN", "FrozenBatchNorm2d", "build_backbone",
+           "freeze_batch_norm", "register_backbone", "register_neck"]
 
 BACKBONES = Registry("backbone", name_attr="backbone_type")
 NECKS = Registry("neck")
@@ -111,9 +111,9 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in `module` by a frozen copy (statistics and affine fixed); returns the module.
 
-    Plain BatchNorm2d becomes FrozenBatchNorm2d (torchvision's, writing its output once). timm's BatchNormAct2d (a BatchNorm2d that
-    also applies its activation, used by EfficientNet) becomes timm's FrozenBatchNormAct2d, because a plain
-    frozen BN would silently drop the activation.
+    Plain BatchNorm2d becomes FrozenBatchNorm2d (torchvision's, writing its output once). timm's BatchNormAct2d (a
+    BatchNorm2d that also applies its activation, used by EfficientNet) becomes timm's FrozenBatchNormAct2d, because a
+    plain frozen BN would silently drop the activation.
     """
     from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 
