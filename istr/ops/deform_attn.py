@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from istr.ops.tracing import is_exporting
 
-__all__ = ["IMPLS", "GatherSlices", "deform_attn_impl", "ms_deform_attn", "ms_deform_attn_projected",
-           "projecting_later_is_cheaper", "resolve_impl", "spatial_shapes_list"]
+__all__ = ["IMPLS", "GatherSlices", "check_padding_mask", "deform_attn_impl", "ms_deform_attn",
+           "ms_deform_attn_projected", "projecting_later_is_cheaper", "resolve_impl", "spatial_shapes_list"]
 
 SpatialShapes = Union[Sequence[Sequence[int]], torch.Tensor]
 
@@ -479,6 +479,13 @@ def _ms_deform_attn_gather(value: torch.Tensor, shapes: list[tuple[int, int]], s
     return GatherSlices(value, shapes, few)(sampling_locations, attention_weights)
 
 
+def check_padding_mask(padding_mask: Optional[torch.Tensor], n: int, s: int) -> None:
+    """A clear error unless padding_mask is None or bool [N, S] (True = padding) for N images of S tokens."""
+    if padding_mask is not None and (padding_mask.shape != (n, s) or padding_mask.dtype != torch.bool):
+        raise ValueError(f"padding_mask: expected bool [N, S] = {(n, s)}, got {padding_mask.dtype} "
+                         f"{tuple(padding_mask.shape)}")
+
+
 def projecting_later_is_cheaper(tokens: int, queries: int, heads: int, levels: int, points: int, head_dim: int) -> bool:
     """Whether ms_deform_attn_projected (per query and head: 4 * L * P corner rows of C values summed, then D x C) costs
     fewer multiply-adds than projecting all `tokens` values (tokens x M * D x C) first: queries * (4 * L * P + D) <
@@ -512,9 +519,7 @@ def ms_deform_attn_projected(value_input: torch.Tensor, spatial_shapes: SpatialS
         raise ValueError(f"weight: expected M * D rows for M = {m} heads, got {weight.shape[0]}")
     d = weight.shape[0] // m
     _check_inputs(value_input.view(n, s, 1, c).expand(n, s, m, c), shapes, sampling_locations, attention_weights)
-    if padding_mask is not None and (padding_mask.shape != (n, s) or padding_mask.dtype != torch.bool):
-        raise ValueError(f"padding_mask: expected bool [N, S] = {(n, s)}, got {padding_mask.dtype} "
-                         f"{tuple(padding_mask.shape)}")
+    check_padding_mask(padding_mask, n, s)
     with torch.no_grad():
         index, bilinear, *_ = _corners(_Layout(n, m, shapes), True, sampling_locations, attention_weights,
                                        value_input.dtype)

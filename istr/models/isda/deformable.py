@@ -8,8 +8,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from istr.ops.deform_attn import (GatherSlices, SpatialShapes, ms_deform_attn, ms_deform_attn_projected,
-                                  projecting_later_is_cheaper, resolve_impl, spatial_shapes_list)
+from istr.ops.deform_attn import (GatherSlices, SpatialShapes, check_padding_mask, ms_deform_attn,
+                                  ms_deform_attn_projected, projecting_later_is_cheaper, resolve_impl,
+                                  spatial_shapes_list)
 from istr.ops.tracing import is_exporting
 
 __all__ = ["DeformableDecoderLayer", "DeformableEncoderLayer", "DeformableTransformer",
@@ -126,10 +127,8 @@ class MultiScaleDeformableAttention(nn.Module):
         [N, S] bool) zeroed."""
         n, s, _ = value_input.shape
         value = self.value_proj(value_input)
+        check_padding_mask(padding_mask, n, s)
         if padding_mask is not None:
-            if padding_mask.shape != (n, s) or padding_mask.dtype != torch.bool:
-                raise ValueError(f"padding_mask: expected bool [N, S] = {(n, s)}, "
-                                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
             if torch.is_grad_enabled() and value.requires_grad:
                 value = value.masked_fill(padding_mask[..., None], 0.0)
             else:  # inference: in place, without a copy of [N, S, C]
