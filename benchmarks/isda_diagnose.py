@@ -27,6 +27,7 @@ def main() -> None:
     val = CocoInstances(data / "val", data / "annotations" / "instances_val.json", include_empty=True)
     best_iou, best_right, best_score, top_iou, top_right, top_score = [], [], [], [], [], []
     duplicates = background = 0
+    confusion: dict[tuple[int, int], int] = {}  # (true class, class of the top-scoring overlapping prediction) -> count
     with torch.no_grad():
         for i in range(min(args.images, len(val))):
             image, target = val[i]
@@ -52,6 +53,9 @@ def main() -> None:
                 top_iou.append(float(iou[g, t]) if len(near) else 0.0)
                 top_right.append(float(out["labels"][t] == target["labels"][g]) if len(near) else 0.0)
                 top_score.append(float(out["scores"][t]) if len(near) else 0.0)
+                if len(near):
+                    pair = (int(target["labels"][g]), int(out["labels"][t]))
+                    confusion[pair] = confusion.get(pair, 0) + 1
             found = set(best.tolist()) if best is not None else set()
             for k in range(len(pred)):
                 if out["scores"][k] >= 0.3 and k not in found:
@@ -67,6 +71,10 @@ def main() -> None:
     print(f"  top-scoring overlapping prediction: IoU {mean(top_iou):.3f} (> 0.75: {share(top_iou, 0.75):.2f}), "
           f"class right {mean(top_right):.2f}, score {mean(top_score):.2f}")
     print(f"  false positives scored >= 0.3: {duplicates} duplicates of an object, {background} on background")
+    names = dict(enumerate(val.category_names))
+    wrong = sorted(((n, t, p) for (t, p), n in confusion.items() if t != p), reverse=True)
+    print("  top-scoring prediction's class wrong (true -> predicted: objects): " + (", ".join(
+        f"{names.get(t, t)} -> {names.get(p, p)}: {n}" for n, t, p in wrong) or "none"))
 
 
 if __name__ == "__main__":

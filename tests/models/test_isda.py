@@ -207,6 +207,25 @@ def test_mask_roi_class_option_trains_infers_and_round_trips(tmp_path):
     assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(results, again))
     with pytest.raises(NotImplementedError, match="mask_roi_class"):
         model.export_head().infer(torch.zeros(1, 3, 64, 64), torch.tensor([[64, 64]]))
+    finer = tiny_isda(mask_roi_class=True, mask_roi_size=14)  # the RoIAlign grid's side is an option
+    assert finer.mask_class.mlp[1].in_features == 32 * 14 * 14
+    assert torch.isfinite(finer(images, targets)["loss"])
+    with pytest.raises(ValueError, match="mask_roi_size"):
+        tiny_isda(mask_roi_class=True, mask_roi_size=0)
+
+
+def test_eval_mode_runs_with_autograd_enabled():
+    """Inference without torch.no_grad (as a user may call it) gives the results no_grad gives, to float rounding
+    (under no_grad the decoder projects after sampling); the masks are thresholded outputs and carry no gradient."""
+    images, _ = make_batch()
+    model = tiny_isda(mask_roi_class=True).eval()
+    with torch.no_grad():
+        expected = model(images)
+    results = model(images)
+    for a, b in zip(results, expected):
+        assert torch.equal(a["labels"], b["labels"]) and not a["masks"].requires_grad
+        torch.testing.assert_close(a["scores"].detach(), b["scores"], rtol=1e-5, atol=1e-7)
+        assert (a["masks"] != b["masks"]).float().mean() < 1e-3  # a pixel at 0.5 +- rounding may flip
 
 
 def test_losses_compose_with_a_mask_bce_term_and_round_trip(tmp_path):

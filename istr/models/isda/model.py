@@ -38,6 +38,7 @@ class ISDA(DetectionModel):
     (coordinate channels into the MFR, "MP"), `kernel_position` (the reference point in the kernel, "KP").
     `mask_roi_class` (off by default; not in ISDA) adds class logits from the MFR inside each query's own mask
     (MaskRoIClassifier): on the demo's data ISDA's queries found the masks but not the classes without it.
+    `mask_roi_size` (default 7) is the side of that classifier's RoIAlign grid.
     `first_level` 3 (ISDA's) feeds the transformer P3..P6; 2 feeds it P2..P5 (an option, not in ISDA: on small
     images the 1/4 map gives the queries finer features to attend to; P6 is then computed but unused).
     `mask_roi_class_gt` > 0 (with mask_roi_class; not in ISDA) also trains that classifier on the ground-truth masks
@@ -62,14 +63,14 @@ class ISDA(DetectionModel):
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
-                 mask_roi_class_gt: float = 0.0, first_level: int = 3, mask_feedback: bool = False,
+                 mask_roi_class_gt: float = 0.0, mask_roi_size: int = 7, first_level: int = 3, mask_feedback: bool = False,
                  mask_reference: bool = False, mask_image_channels: int = 0,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        check_positive_ints(num_classes=num_classes, num_queries=num_queries, hidden_dim=hidden_dim,
+        check_positive_ints(num_classes=num_classes, num_queries=num_queries, hidden_dim=hidden_dim, mask_roi_size=mask_roi_size,
                             num_decoder_layers=num_decoder_layers, detections_per_image=detections_per_image)
         check_backbone(backbone, hidden_dim, strides=(4, 8, 16, 32, 64))  # P2..P6: Backbone(..., neck="channel_mapper")
         self.backbone, self.criterion = backbone, criterion
@@ -83,7 +84,7 @@ class ISDA(DetectionModel):
         self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.mask_class = MaskRoIClassifier(kernel_dim, hidden_dim, num_classes) if mask_roi_class else None
+        self.mask_class = MaskRoIClassifier(kernel_dim, hidden_dim, num_classes, mask_roi_size) if mask_roi_class else None
         if mask_roi_class_gt < 0 or (mask_roi_class_gt and not mask_roi_class):
             raise ValueError(f"mask_roi_class_gt: expected 0, or a weight > 0 with mask_roi_class=True, got "
                              f"{mask_roi_class_gt!r} (mask_roi_class={mask_roi_class!r})")

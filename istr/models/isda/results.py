@@ -57,8 +57,10 @@ def masks_to_results(masks: torch.Tensor | None, original_size: tuple[int, int],
     row and column instead of torchvision's masks_to_boxes, which loops over the masks with a nonzero() each (100 masks
     at 800x1216 on one CPU thread: 1.7 s -> 0.4 s for these two, 0.34 -> 0.28 s for the chunks). The values are those
     of the plain upsample -> crop -> resize -> threshold -> masks_to_boxes chain, bit for bit
-    (tests/models/test_shared_parts.py)."""
+    (tests/models/test_shared_parts.py). The masks carry no gradient (they are written into preallocated outputs
+    and thresholded), so eval mode runs with autograd enabled too."""
     h, w = original_size
+    masks = masks.detach() if masks is not None else None
     if masks is None or not masks.shape[0]:
         ref = masks if masks is not None else like
         empty = ref.new_zeros((0, h, w), dtype=torch.float32 if stride != 1 else ref.dtype)
