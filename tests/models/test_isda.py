@@ -292,6 +292,35 @@ def test_first_level_2_feeds_the_transformer_p2_to_p5(tmp_path):
         tiny_isda(first_level=4)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_mask_roi_features_equal_torchvision_roi_align(dtype, tol):
+    """mask_roi_features (the library's RoIAlign over the MFR) against torchvision's roi_align of each mask's tight box
+    (the whole map for an empty mask) times the aligned soft mask: values and MFR gradients, with a leading layer
+    dimension as in training."""
+    from torchvision.ops import roi_align
+
+    from istr.models.isda.heads import mask_roi_features
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 24, 20, dtype=dtype) * 3  # [layers, images, queries, h, w]
+    logits[:, :, 0] = -10.0  # empty masks
+    mfr = torch.randn(3, 16, 24, 20, dtype=dtype, requires_grad=True)
+    probs = logits.sigmoid().reshape(-1, 24, 20)
+    boxes = []
+    for p in probs >= 0.5:
+        ys, xs = torch.nonzero(p, as_tuple=True)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(ys) else [0, 0, 20, 24])
+    boxes = torch.tensor(boxes, dtype=dtype)
+    index = torch.arange(len(boxes), dtype=dtype)[:, None]
+    expected = roi_align(mfr, torch.cat([index // 5 % 3, boxes], 1), 7, 1.0, 2, aligned=True) * roi_align(
+        probs[:, None], torch.cat([index, boxes], 1), 7, 1.0, 2, aligned=True)
+    got = mask_roi_features(logits, mfr)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, mfr, grad)[0], torch.autograd.grad(expected, mfr, grad)[0],
+                               rtol=tol, atol=tol)
+
+
 def test_mask_centroids_against_a_hand_computation():
     """A mask's centroid: pixels of probability >= 0.5 weighted by it, as a fraction of the valid extent; an empty
     mask keeps its fallback point."""
