@@ -63,15 +63,16 @@ class ISDA(DetectionModel):
                  num_points: int = 4, mask_feat_dim: int = 128, kernel_dim: int = 256, mask_stride: int = 4,
                  mask_position: bool = True, kernel_position: bool = True, num_groups: int = 32,
                  mask_feat_init_std: float | None = 0.01, mask_roi_class: bool = False,
-                 mask_roi_class_gt: float = 0.0, mask_roi_size: int = 7, first_level: int = 3, mask_feedback: bool = False,
-                 mask_reference: bool = False, mask_image_channels: int = 0,
+                 mask_roi_class_gt: float = 0.0, mask_roi_size: int = 7, first_level: int = 3,
+                 mask_feedback: bool = False, mask_reference: bool = False, mask_image_channels: int = 0,
                  detections_per_image: int = 100, mask_threshold: float = 0.5, prior_prob: float = 0.01,
                  min_size: int = 800, max_size: int = 1333, train_min_sizes: Sequence[int] | None = None,
                  size_divisible: int = 32, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        check_positive_ints(num_classes=num_classes, num_queries=num_queries, hidden_dim=hidden_dim, mask_roi_size=mask_roi_size,
-                            num_decoder_layers=num_decoder_layers, detections_per_image=detections_per_image)
+        check_positive_ints(num_classes=num_classes, num_queries=num_queries, hidden_dim=hidden_dim,
+                            num_decoder_layers=num_decoder_layers, detections_per_image=detections_per_image,
+                            mask_roi_size=mask_roi_size)
         check_backbone(backbone, hidden_dim, strides=(4, 8, 16, 32, 64))  # P2..P6: Backbone(..., neck="channel_mapper")
         self.backbone, self.criterion = backbone, criterion
         self.num_classes, self.num_queries = num_classes, num_queries
@@ -84,7 +85,8 @@ class ISDA(DetectionModel):
         self.kernel_head = KernelHead(hidden_dim, kernel_dim, kernel_position)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.mask_class = MaskRoIClassifier(kernel_dim, hidden_dim, num_classes, mask_roi_size) if mask_roi_class else None
+        self.mask_class = (MaskRoIClassifier(kernel_dim, hidden_dim, num_classes, mask_roi_size) if mask_roi_class
+                           else None)
         if mask_roi_class_gt < 0 or (mask_roi_class_gt and not mask_roi_class):
             raise ValueError(f"mask_roi_class_gt: expected 0, or a weight > 0 with mask_roi_class=True, got "
                              f"{mask_roi_class_gt!r} (mask_roi_class={mask_roi_class!r})")
