@@ -71,10 +71,10 @@ def main() -> None:
     print(f"  top-scoring overlapping prediction: IoU {mean(top_iou):.3f} (> 0.75: {share(top_iou, 0.75):.2f}), "
           f"class right {mean(top_right):.2f}, score {mean(top_score):.2f}")
     print(f"  false positives scored >= 0.3: {duplicates} duplicates of an object, {background} on background")
-    names = dict(enumerate(val.category_names))
+    names = val.category_names
     wrong = sorted(((n, t, p) for (t, p), n in confusion.items() if t != p), reverse=True)
     print("  top-scoring prediction's class wrong (true -> predicted: objects): " + (", ".join(
-        f"{names.get(t, t)} -> {names.get(p, p)}: {n}" for n, t, p in wrong) or "none"))
+        f"{names[t]} -> {names[p]}: {n}" for n, t, p in wrong) or "none"))
 
 
 if __name__ == "__main__":
