@@ -2,7 +2,8 @@
 weights, same input.
 
 All models run batch 1 on the same image in one process, alternating run by run so that all see the same
-machine load; the script prints the medians and the ratios to Mask R-CNN, and writes JSON if --out is given.
+machine load (the order rotating each round); the script prints the medians and the ratios to Mask R-CNN (for ISDA
+also the median and range of its round-by-round ratios), and writes JSON if --out is given.
 ISDA (--no-isda to skip it) runs its deformable encoder over P3..P6 (about 20k tokens at 800x1216), six decoder
 layers over 300 queries and the mask feature map at 1/4; its top-100 masks are scored by maskness, empty ones
 dropped, the rest resized to the image (no pasting into boxes).
@@ -97,8 +98,13 @@ def markdown(result: dict) -> str:
         det = result["detections"].get(key, {})
         lines.append(f"| {label} | {med[key] * 1000:.0f} | {fps[key]:.2f} | {det.get('detections', '-')} | "
                      f"{det.get('mean_box_area_fraction', '-')} |")
-    isda = (f"; ISDA / Mask R-CNN: **{result['ratio_isda_over_maskrcnn']:.3f}**"
-            if "ratio_isda_over_maskrcnn" in result else "")
+    isda = ""
+    if "ratio_isda_over_maskrcnn" in result:
+        isda = f"; ISDA / Mask R-CNN: **{result['ratio_isda_over_maskrcnn']:.3f}**"
+        by_round = result.get("ratio_isda_over_maskrcnn_by_round")
+        if by_round:
+            isda += (f" (round by round: median {by_round['median']:.3f}, range {by_round['min']:.3f}-"
+                     f"{by_round['max']:.3f})")
     lines += ["", f"Ratio ISTR / Mask R-CNN: **{result['ratio_istr_over_maskrcnn']:.3f}** (floor from the shared "
               f"backbone + FPN: {result['ratio_backbone_fpn_over_maskrcnn']:.3f}){isda}. Mask R-CNN box_score_thresh "
               f"{result['maskrcnn_box_score_thresh']:.4g} (calibrated; see the script's docstring); ISTR boxes: "
@@ -178,9 +184,12 @@ def main() -> None:
         runs["isda"] = lambda: run(isda_model)
     times: dict[str, list[float]] = {k: [] for k in runs}
     dets = {}
+    names = list(runs)
     for i in range(args.warmup + args.repeats):
-        for name, fn in runs.items():  # alternate: all see the same machine load
-            seconds, info = fn()
+        # alternate: all see the same machine load; the order rotates round by round, so that no model always runs
+        # after the same one (what the one before leaves in the caches and the allocator moved a ratio by 2-5%)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            seconds, info = runs[name]()
             if info:
                 dets[name] = info
             if i >= args.warmup:
@@ -194,6 +203,9 @@ def main() -> None:
               "fps": {k: 1.0 / v for k, v in med.items()}, "torch": torch.__version__}
     if "isda" in med:
         result["ratio_isda_over_maskrcnn"] = med["isda"] / med["maskrcnn"]
+        paired = sorted(a / b for a, b in zip(times["isda"], times["maskrcnn"]))  # round by round: the load they shared
+        result["ratio_isda_over_maskrcnn_by_round"] = {"median": statistics.median(paired), "min": paired[0],
+                                                        "max": paired[-1]}
     print(f"device {device}, threads {result['threads']}, input {args.height}x{args.width}, {args.dtype}, "
           f"{args.repeats} repeats (+{args.warmup} warm-up), alternating")
     print(f"Mask R-CNN box_score_thresh {thresh:.5g}; ISTR {dets['istr']}; Mask R-CNN {dets['maskrcnn']}"
@@ -204,6 +216,10 @@ def main() -> None:
     print(f"ratio ISTR / Mask R-CNN = {result['ratio_istr_over_maskrcnn']:.3f}  (floor set by the shared "
           f"ResNet-50 + FPN alone: {med['backbone_fpn'] / med['maskrcnn']:.3f})"
           + (f"; ISDA / Mask R-CNN = {result['ratio_isda_over_maskrcnn']:.3f}" if "isda" in med else ""))
+    if "isda" in med:
+        by_round = result["ratio_isda_over_maskrcnn_by_round"]
+        print(f"ISDA / Mask R-CNN round by round: median {by_round['median']:.3f}, "
+              f"range {by_round['min']:.3f}-{by_round['max']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
