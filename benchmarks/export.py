@@ -34,18 +34,9 @@ import torch
 
 import istr
 from istr.export import OnnxPredictor, export
+from speed import fitted_pca  # benchmarks/speed.py, beside this script: the same codec as its latency runs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_cpu"
-
-
-def fitted_pca(mask_size: int = 28, dim: int = 60, n: int = 512, seed: int = 0) -> istr.MaskCodec:
-    """A PCA codec fitted on random ellipse grids (latency does not depend on what it learned)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, mask_size), torch.linspace(-1, 1, mask_size), indexing="ij")
-    c = torch.rand(n, 4, generator=g)
-    grids = ((xx - (c[:, 0, None, None] - 0.5)) ** 2 / (0.2 + c[:, 2, None, None]) ** 2
-             + (yy - (c[:, 1, None, None] - 0.5)) ** 2 / (0.2 + c[:, 3, None, None]) ** 2 <= 1).float()
-    return istr.create_codec("pca", mask_size=mask_size, dim=dim, whiten=True, logit_space=True).fit(grids)
 
 
 def build(preset: str) -> torch.nn.Module:
