@@ -100,11 +100,9 @@ def markdown(result: dict) -> str:
                      f"{det.get('mean_box_area_fraction', '-')} |")
     isda = ""
     if "ratio_isda_over_maskrcnn" in result:
-        isda = f"; ISDA / Mask R-CNN: **{result['ratio_isda_over_maskrcnn']:.3f}**"
-        by_round = result.get("ratio_isda_over_maskrcnn_by_round")
-        if by_round:
-            isda += (f" (round by round: median {by_round['median']:.3f}, range {by_round['min']:.3f}-"
-                     f"{by_round['max']:.3f})")
+        by_round = result["ratio_isda_over_maskrcnn_by_round"]  # set with the ratio itself (main)
+        isda = (f"; ISDA / Mask R-CNN: **{result['ratio_isda_over_maskrcnn']:.3f}** (round by round: median "
+                f"{by_round['median']:.3f}, range {by_round['min']:.3f}-{by_round['max']:.3f})")
     lines += ["", f"Ratio ISTR / Mask R-CNN: **{result['ratio_istr_over_maskrcnn']:.3f}** (floor from the shared "
               f"backbone + FPN: {result['ratio_backbone_fpn_over_maskrcnn']:.3f}){isda}. Mask R-CNN box_score_thresh "
               f"{result['maskrcnn_box_score_thresh']:.4g} (calibrated; see the script's docstring); ISTR boxes: "
